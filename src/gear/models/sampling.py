@@ -1,0 +1,143 @@
+"""Sampling token grids from a GPT with a key/value cache, classifier-free guidance, temperature, top-k, top-p.
+
+The cache lives only inside one ``generate`` call; nothing is attached to the model. One step feeds one
+position: the class token first, then each sampled token, so a grid of L tokens costs L steps.
+With guidance (cfg_scale != 1) the batch is run twice as [cond; null] and the logits mixed as
+``uncond + cfg_scale * (cond - uncond)``; cfg_scale == 1 is plain conditional sampling on the batch as is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from gear.models.gpt import GPT
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, (B, H, max_len, head_dim), allocated on the first write.
+
+    The first write fixes dtype and device, so the cache follows autocast (bf16 keys under bf16 autocast).
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H, S, D) at positions [start, start + S); return all keys/values in [0, start + S)."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions, cannot write up to {end}")
+        if self.k is None or self.v is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerKVCache per transformer block."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.layers = [LayerKVCache(max_len) for _ in range(n_layer)]
+
+
+def sample_logits(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one index per row of logits (B, vocab) -> (B,) int64.
+
+    top_k = 0 and top_p = 1.0 switch those filters off. Top-p keeps the smallest set of most likely
+    tokens whose probability reaches top_p (always at least one); it applies after top-k.
+    """
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: GPT,
+    labels: Tensor,
+    *,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> Tensor:
+    """Sample (B, grid_size, grid_size) int64 token grids for class labels (B,) in [0, num_classes].
+
+    ``seed`` seeds a local generator on the model's device (the global RNG is not touched); without a
+    seed the global RNG is used. The model runs in eval mode (no dropout) for the call; each module's
+    train/eval flag is restored afterwards.
+    """
+    cfg = model.config
+    device = model.tok_embeddings.weight.device
+    _check_args(labels, cfg.num_classes, temperature, top_k, top_p)
+    labels = labels.to(device)
+
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+
+    guided = cfg_scale != 1.0
+    cond = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+    batch, length = labels.shape[0], cfg.seq_len
+    tokens = torch.empty(batch, length, dtype=torch.long, device=device)
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    # The last token is never fed back: positions are the class token plus L - 1 tokens.
+    cache = KVCache(cfg.n_layer, cfg.cls_token_num + length - 1)
+    try:
+        x = model.cls_embedding(cond)  # (B or 2B, 1, dim)
+        for t in range(length):
+            logits = model.forward_cached(x, start=t, cache=cache)[:, -1]
+            if guided:
+                cond_logits, uncond_logits = logits.chunk(2)
+                logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
+            nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            tokens[:, t] = nxt
+            if t + 1 < length:
+                x = model.tok_embeddings(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
+    finally:
+        del cache  # never outlives the call, even when sampling fails
+        for module, mode in modes:
+            module.training = mode
+    return tokens.view(batch, cfg.grid_size, cfg.grid_size)
+
+
+def _check_args(labels: Tensor, num_classes: int, temperature: float, top_k: int, top_p: float) -> None:
+    if labels.dim() != 1 or labels.shape[0] == 0 or labels.dtype != torch.long:
+        raise ValueError(f"labels must be a non-empty int64 tensor of shape (B,), got {tuple(labels.shape)} {labels.dtype}")
+    if int(labels.min()) < 0 or int(labels.max()) > num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} = null class), got values outside")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {top_p}")
