@@ -165,8 +165,8 @@ class _Quantizer(nn.Module):
 class VectorQuantizer(_Quantizer):
     """Nearest code under cosine similarity: z and codes are L2-normalised, d = |z - e|^2 = 2 - 2 cos.
 
-    ``codebook_used`` is a rolling window of the last 65536 assigned indices (float, -1 = empty),
-    kept in the state dict so released VQ-16 checkpoints, which carry it, load strictly.
+    ``codebook_used`` (65536 floats) exists only so that released VQ-16 checkpoints, which carry it, load
+    strictly; it is never updated: a forward pass changes no state (usage is tracked by the trainer).
     """
 
     USAGE_WINDOW = 65536
@@ -197,19 +197,7 @@ class VectorQuantizer(_Quantizer):
         hard = codes[indices]
         codebook = F.mse_loss(hard, z.detach())
         commitment = self.beta * F.mse_loss(hard.detach(), z)
-        self._record_usage(indices)
         return _Assignment(z + (hard - z).detach(), indices, d, codebook, commitment)
-
-    @torch.no_grad()
-    def _record_usage(self, indices: Tensor) -> None:
-        n = min(indices.numel(), self.USAGE_WINDOW)
-        recent = indices[-n:].to(self.codebook_used.dtype)
-        self.codebook_used.copy_(torch.cat([self.codebook_used[n:], recent]))
-
-    def recent_usage(self) -> float:
-        """Fraction of the codebook among the last 65536 assigned indices."""
-        used = self.codebook_used[self.codebook_used >= 0]
-        return used.unique().numel() / self.codebook_size
 
 
 class LookupFreeQuantizer(_Quantizer):

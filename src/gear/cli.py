@@ -1,0 +1,172 @@
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _count_on_meta(build, name: str) -> int:
+    with torch.device("meta"):
+        model = build(name)
+    return sum(p.numel() for p in model.parameters())
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from gear.models.autoencoder import TOKENIZER_PRESETS, build_tokenizer
+    from gear.models.gpt import GPT_PRESETS, build_generator
+
+    print("tokenizers (preset: quantizer, codebook, downsample, parameters)")
+    for name, c in TOKENIZER_PRESETS.items():
+        n = _count_on_meta(build_tokenizer, name)
+        down = 2 ** (len(c.channel_mult) - 1)
+        print(f"  {name:<10} {c.quantizer:<4} {c.codebook_size:>6} x {c.codebook_dim:<4} /{down:<3} {n / 1e6:8.2f}M")
+    print("generators (preset: layers, heads, dim, parameters at the preset's vocabulary/grid/classes)")
+    for name, c in GPT_PRESETS.items():
+        n = _count_on_meta(build_generator, name)
+        print(f"  {name:<10} {c.n_layer:>3} {c.n_head:>3} {c.dim:>5}   vocab {c.vocab_size:>5}  grid {c.grid_size:>2}  "
+              f"classes {c.num_classes:>4}  {n / 1e6:8.2f}M")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from gear.config import load_config
+    from gear.train.loop import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from gear.train.dryrun import dry_run
+
+        print(dry_run(cfg))
+        return
+    summary = Trainer(cfg, resume=args.resume).fit()
+    _print_summary(summary)
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    from gear.config import load_config
+    from gear.train.loop import Trainer
+
+    config = Path(args.run_dir) / "config.yaml"
+    cfg = load_config(config, [f"train.out_dir={args.run_dir}", *args.overrides])
+    _print_summary(Trainer(cfg, resume=True).fit())
+
+
+def _print_summary(summary) -> None:
+    if summary is None:
+        return
+    keys = [k for k in summary.metrics if k.endswith("loss") or k.startswith("codebook/")]
+    print(f"{summary.run_dir}: step {summary.step} in {summary.seconds:.0f} s; "
+          + ", ".join(f"{k}={summary.metrics[k]:.4g}" for k in keys))
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import gear
+    from gear.data.transforms import save_image_grid
+    from gear.train.build import check_pair
+
+    tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
+    gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
+    check_pair(tok, gen)
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(min(10, gen.config.num_classes)))
+    bad = [c for c in classes if not 0 <= c < gen.config.num_classes]
+    if bad:
+        raise SystemExit(f"gear sample: classes {bad} are outside 0..{gen.config.num_classes - 1}")
+    labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
+    indices = gen.generate(labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed)
+    with torch.no_grad():
+        images = tok.decode(indices)
+    save_image_grid(images.float().cpu(), args.out, nrow=args.per_class)
+    print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} samples, cfg {args.cfg_scale}")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> None:
+    import gear
+    from gear.data.image_folder import load_rgb
+    from gear.data.transforms import center_crop, resize_short_side, save_image_grid, to_tensor_minus1_1
+    import numpy as np
+
+    tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = args.size or _run_image_size(args.run_dir)
+    for path in args.images:
+        pil = resize_short_side(load_rgb(Path(path)), size)
+        image = to_tensor_minus1_1(center_crop(np.asarray(pil), size)).unsqueeze(0).to(args.device)
+        with torch.no_grad():
+            recon = tok.decode(tok.encode(image))
+        target = out / (Path(path).stem + "_recon.png")
+        save_image_grid(torch.cat([image, recon]).float().cpu(), target, nrow=2)
+        print(f"wrote {target} (original | reconstruction)")
+
+
+def _run_image_size(run_dir: str) -> int:
+    from gear.config import load_config
+
+    config = Path(run_dir) / "config.yaml"
+    if not config.is_file():
+        raise SystemExit(f"gear reconstruct: {config} not found; pass --size")
+    return load_config(config).data.image_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gear", description="GEAR: joint VQ tokenizer + autoregressive generator training")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("presets", help="list tokenizer and generator presets with parameter counts")
+    s.set_defaults(func=cmd_presets)
+
+    s = sub.add_parser("train", help="train one stage from a YAML config")
+    s.add_argument("config", help="YAML file (see configs/)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100 align.temperature=0.05")
+    s.add_argument("--resume", action="store_true", help="continue from the checkpoint in train.out_dir")
+    s.add_argument("--dry-run", action="store_true", help="build the models on the meta device, print sizes, exit")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("resume", help="continue a run from its directory (its config.yaml and checkpoint)")
+    s.add_argument("run_dir")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2000 to extend")
+    s.set_defaults(func=cmd_resume)
+
+    s = sub.add_parser("sample", help="class-conditional sample grid from a run directory")
+    s.add_argument("run_dir")
+    s.add_argument("--classes", default="", help="comma-separated class ids (default: the first up to 10)")
+    s.add_argument("--per-class", type=int, default=8)
+    s.add_argument("--cfg-scale", type=float, default=1.5)
+    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--live", action="store_true", help="use the live weights instead of the EMA")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", default="samples.png")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("reconstruct", help="encode and decode images with a run's tokenizer")
+    s.add_argument("run_dir")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--out", default="reconstructions")
+    s.add_argument("--size", type=int, default=0, help="image size (default: the run's data.image_size)")
+    s.add_argument("--live", action="store_true")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_reconstruct)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from gear.config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"gear {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

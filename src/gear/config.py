@@ -1,0 +1,285 @@
+"""Run configuration: nested dataclasses are the one source of defaults; YAML files only override.
+
+A YAML file may start from another with ``base: other.yaml``; ``key=value`` overrides come last.
+
+``load_config("configs/fmnist-joint.yaml", ["train.steps=100", "align.temperature=0.05"])`` reads the file,
+applies the dotted overrides, checks every key and value type, and returns a ``Config``. An unknown key or a
+value of the wrong type raises ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gear.data import DataConfig
+
+STAGES = ("tokenizer", "joint", "ar")
+JOINT_MODES = ("gear", "ste")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value that does not fit its field."""
+
+
+@dataclass
+class ModelConfig:
+    tokenizer: str = "vq-tiny"                    # preset name (see `gear presets`)
+    tokenizer_overrides: dict = field(default_factory=dict)
+    generator: str = "gpt-tiny"
+    generator_overrides: dict = field(default_factory=dict)
+    # Weights to start from: a run directory, a saved model directory, or (tokenizer) a LlamaGen .pt file.
+    tokenizer_init: str = ""
+    generator_init: str = ""
+    init_from_ema: bool = True                   # take the EMA weights when the init is a run directory
+
+
+@dataclass
+class AlignConfig:
+    """REPA alignment between a frozen teacher's patch features and the AR hidden state at ``tap_layer``."""
+
+    teacher: str = "efficientnet-lite0"
+    teacher_path: str = ""                       # local weights for teachers that do not ship in a package
+    tap_layer: int = 0                           # 1-based block; 0 = n_layer // 3 (the paper's 4 / 8 / 12 for GPT-B / L / XL)
+    projector_dim: int = 2048
+    temperature: float = 0.1                     # T in softmax(-d / T)
+    lambda_tok: float = 0.5                      # weight of the soft-branch REPA in the tokenizer update
+    lambda_ar: float = 0.5                       # weight of the hard-branch REPA in the AR update (0 = plain LlamaGen)
+    soft_top_k: int = 0                          # 0 = full softmax over K codes; else renormalized over the k nearest
+
+
+@dataclass
+class LossConfig:
+    """The tokenizer's own loss (stage `tokenizer` and the tokenizer update of stage `joint`)."""
+
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    perceptual: str = "efficientnet-lite0"       # or "lpips" with the two weight paths below
+    lpips_vgg_path: str = ""
+    lpips_heads_path: str = ""
+    gan_weight: float = 0.1
+    gan_start: int = 0                           # step from which the generator term and the discriminator train
+    disc_channels: int = 64
+    disc_layers: int = 3
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0                        # linear warm-up, then constant
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "joint"                         # tokenizer | joint | ar
+    joint_mode: str = "gear"                     # gear | ste (NTP reaches the tokenizer straight-through)
+    steps: int = 1000
+    batch_size: int = 32                         # global batch, split over processes
+    seed: int = 0
+    ema_decay: float = 0.9999                    # one decay for tokenizer and AR (paired EMA)
+    device: str = "auto"                         # auto | cpu | cuda
+    precision: str = "auto"                      # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    out_dir: str = "runs/default"
+    progress: bool = True
+    cache_teacher_features: bool = False         # keep teacher features per (image, flip) in memory (CPU runs)
+
+
+@dataclass
+class EvalConfig:
+    fid_every: int = 0                           # 0 = off; else a small FID on the classifier's features
+    fid_samples: int = 500
+    cfg_scale: float = 1.5
+    sample_classes: tuple[int, ...] = ()         # classes in the sample grids; () = the first up to 10
+    samples_per_class: int = 8
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate(cfg: Config) -> None:
+    t = cfg.train
+    _check(t.stage in STAGES, "train.stage", f"must be one of {STAGES}, got {t.stage!r}")
+    _check(t.joint_mode in JOINT_MODES, "train.joint_mode", f"must be one of {JOINT_MODES}, got {t.joint_mode!r}")
+    _check(t.steps >= 0, "train.steps", "must be >= 0")
+    _check(t.batch_size > 0, "train.batch_size", "must be > 0")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    _check(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
+    _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
+    for key in ("log_every", "sample_every", "checkpoint_every"):
+        _check(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+    a = cfg.align
+    _check(a.temperature > 0, "align.temperature", "must be > 0")
+    _check(a.tap_layer >= 0, "align.tap_layer", "is 1-based (0 = n_layer // 3) and must be >= 0")
+    _check(a.soft_top_k >= 0, "align.soft_top_k", "must be >= 0 (0 = full softmax)")
+    _check(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key} {message}")
+
+
+# ---------------------------------------------------------------------------- loading and overrides
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, type-checked against the dataclasses."""
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return from_dict(tree)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML file of sections; ``base: other.yaml`` (relative to the file) is read first and overridden."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through base:")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (data:, model:, train: ...)")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    merged = _read_yaml(path.parent / base, (*seen, path.resolve()))
+    _merge(merged, tree)
+    return merged
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and not key.endswith("_overrides"):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, prefix="")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys in {prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+        )
+    kwargs = {}
+    for name, raw in values.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw, key + ".")
+        else:
+            kwargs[name] = _coerce(raw, hint, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config section {prefix.rstrip('.')}: {err}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    bad = ConfigError(f"config key {key} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if hint is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    if origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(args) != len(value):
+            raise bad
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    raise ConfigError(f"config key {key}: unsupported field type {hint}")  # a bug in the dataclasses
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))

@@ -1,0 +1,70 @@
+"""A deterministic stream of batches indexed by step, so that a resumed run sees exactly the same data.
+
+Step ``s`` of the global stream takes batch ``s % per_epoch`` of epoch ``s // per_epoch``, where each
+epoch is a permutation drawn from ``(seed, epoch)`` and the last incomplete batch is dropped. With
+several processes, rank ``r`` takes the r-th contiguous slice of the global batch, so the union over
+ranks equals the one-process batch and a run can resume with a different number of processes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    def __init__(self, num_items: int, global_batch: int, seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} must be divisible by the {world_size} processes")
+        if num_items < global_batch:
+            raise ValueError(f"the data set has {num_items} images, fewer than one batch of {global_batch}")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.per_epoch = num_items // global_batch
+        self.local_batch = global_batch // world_size
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        epoch, j = divmod(step, self.per_epoch)
+        perm = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return perm[j * self.global_batch : (j + 1) * self.global_batch]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            idx = self.global_indices(step)[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+            epoch = step // self.per_epoch
+            # The epoch travels inside the index so that augmentations depend on (seed, epoch, image) only.
+            yield [epoch * self.num_items + int(i) for i in idx]
+            step += 1
+
+    def __len__(self) -> int:  # an endless stream; DataLoader only needs this for its own bookkeeping
+        return 2**62
+
+
+class EpochIndexed(Dataset):
+    """Decodes ``epoch * N + i`` into ``dataset.set_epoch(epoch); dataset[i]`` (works inside workers too)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+        self.n = len(dataset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: int):
+        epoch, i = divmod(key, self.n)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[i]
+
+
+def batch_stream(dataset: Dataset, global_batch: int, seed: int, start_step: int, rank: int, world_size: int,
+                 num_workers: int = 0, pin_memory: bool = False) -> Iterator:
+    sampler = StepBatchSampler(len(dataset), global_batch, seed, start_step, rank, world_size)
+    # A private generator: otherwise creating the iterator draws from the global RNG, and a resumed run's
+    # dropout masks would differ from those of an uninterrupted one.
+    loader = DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+    return iter(loader)

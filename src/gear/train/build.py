@@ -1,0 +1,79 @@
+"""Build a run's models from its config, and find saved models inside run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gear.config import Config
+from gear.models.autoencoder import Tokenizer, build_tokenizer, load_llamagen_state_dict
+from gear.models.gpt import GPT, build_generator
+from gear.models.pretrained import CONFIG_NAME
+
+TOKENIZER_DIR = "tokenizer"        # inside a run directory: EMA weights (what sampling uses)
+GENERATOR_DIR = "generator"
+LIVE_SUFFIX = "-live"              # tokenizer-live/, generator-live/: the raw (non-EMA) weights
+
+
+def model_dir(path: str | Path, kind: str, ema: bool = True) -> Path:
+    """A saved model directory, given either that directory or a run directory that holds one."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path
+    sub = path / (kind if ema else kind + LIVE_SUFFIX)
+    if (sub / CONFIG_NAME).is_file():
+        return sub
+    raise FileNotFoundError(
+        f"{path} holds no saved {kind}: expected {path / CONFIG_NAME} or {sub / CONFIG_NAME} "
+        f"(a run directory written by `gear train`)"
+    )
+
+
+def tokenizer_from_config(cfg: Config) -> Tokenizer:
+    """The preset with its overrides; weights from ``model.tokenizer_init`` when given."""
+    init = cfg.model.tokenizer_init
+    if init and Path(init).is_file():  # a LlamaGen-format .pt checkpoint for a preset of the same architecture
+        tok = build_tokenizer(cfg.model.tokenizer, **cfg.model.tokenizer_overrides)
+        tok.load_state_dict(load_llamagen_state_dict(init))
+        return tok
+    if init:
+        return Tokenizer.from_pretrained(model_dir(init, TOKENIZER_DIR, ema=cfg.model.init_from_ema))
+    return build_tokenizer(cfg.model.tokenizer, **cfg.model.tokenizer_overrides)
+
+
+def generator_from_config(cfg: Config, tokenizer: Tokenizer, num_classes: int) -> GPT:
+    """The AR preset sized to the tokenizer (vocabulary, token grid) and the data (classes)."""
+    grid = cfg.data.image_size // tokenizer.downsample
+    if cfg.data.image_size % tokenizer.downsample:
+        raise ValueError(
+            f"data.image_size={cfg.data.image_size} is not a multiple of the tokenizer's downsample {tokenizer.downsample}"
+        )
+    derived = {"vocab_size": tokenizer.codebook_size, "grid_size": grid, "num_classes": num_classes}
+    if cfg.model.generator_init:
+        gen = GPT.from_pretrained(model_dir(cfg.model.generator_init, GENERATOR_DIR, ema=cfg.model.init_from_ema))
+    else:
+        overrides = dict(cfg.model.generator_overrides)
+        for key, value in derived.items():
+            if key in overrides and overrides[key] != value:
+                raise ValueError(
+                    f"model.generator_overrides.{key}={overrides[key]} disagrees with the tokenizer/data ({value}); drop it"
+                )
+            overrides[key] = value
+        gen = build_generator(cfg.model.generator, **overrides)
+    check_pair(tokenizer, gen, image_size=cfg.data.image_size)
+    if gen.config.num_classes != num_classes:
+        raise ValueError(f"the generator has {gen.config.num_classes} classes but the data set has {num_classes}")
+    return gen
+
+
+def check_pair(tokenizer: Tokenizer, generator: GPT, image_size: int | None = None) -> None:
+    """A tokenizer and an AR belong together when the AR's vocabulary is the codebook (and grids agree)."""
+    if generator.config.vocab_size != tokenizer.codebook_size:
+        raise ValueError(
+            f"mismatched tokenizer and generator: codebook has {tokenizer.codebook_size} codes, "
+            f"the generator's vocabulary is {generator.config.vocab_size}; load the pair saved by the same run"
+        )
+    if image_size is not None and generator.config.grid_size * tokenizer.downsample != image_size:
+        raise ValueError(
+            f"mismatched tokenizer and generator: a {generator.config.grid_size}x{generator.config.grid_size} token grid "
+            f"at downsample {tokenizer.downsample} is not {image_size} px"
+        )

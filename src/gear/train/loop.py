@@ -1,0 +1,311 @@
+"""The training loop shared by all stages: set-up, EMA, logging, sample grids, checkpoints, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from gear.align.repa import Projector
+from gear.align.teachers import build_teacher
+from gear.config import Config, save_config
+from gear.data import build_dataset
+from gear.data.transforms import save_image_grid
+from gear.losses.discriminator import PatchGANDiscriminator
+from gear.losses.perceptual import build_perceptual_loss
+from gear.train import checkpoint as ckpt
+from gear.train.batches import batch_stream
+from gear.train.build import GENERATOR_DIR, LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, tokenizer_from_config
+from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, setup_distributed
+from gear.train.ema import EMA
+from gear.train.steps import STEPS, Modules, StepConfig, Updater
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float]
+    codebook_usage: float
+    seconds: float
+
+
+def tap_layer(cfg: Config, n_layer: int) -> int:
+    """The 1-based block whose output is aligned: ``align.tap_layer``, or n_layer // 3 when it is 0."""
+    tap = cfg.align.tap_layer or max(1, n_layer // 3)
+    if tap > n_layer:
+        raise ValueError(f"align.tap_layer={tap} but the generator has {n_layer} layers")
+    return tap
+
+
+class Trainer:
+    """Builds everything a config asks for; ``fit()`` runs (or continues) the stage to ``train.steps``."""
+
+    def __init__(self, cfg: Config, resume: bool = False, env: DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or setup_distributed(cfg.train.device)
+        self.device = self.env.device
+        self.run_dir = Path(cfg.train.out_dir)
+        self.stage = cfg.train.stage
+        torch.manual_seed(cfg.train.seed)
+
+        self.dataset = build_dataset(cfg.data, "train", seed=cfg.train.seed)
+        self.num_classes = len(self.dataset.classes)
+        self.holdout = build_dataset(cfg.data, "test") if cfg.data.name == "fashion-mnist" else self.dataset
+        self.tap_layer = 0  # set when a generator is built
+        self.m = self._build_modules()
+        self.grid = cfg.data.image_size // self.m.tokenizer.downsample
+        self.trained = self._trained_modules()
+        self.opts = self._build_optimizers()
+        self.emas = {name: EMA(mod, cfg.train.ema_decay) for name, mod in self.trained.items() if name in ("tokenizer", "generator")}
+        self.wrapped = self._wrap_for_processes()
+        self.step = 0
+        self.teacher_cache: dict[int, Tensor] = {}
+        self.usage_counts = torch.zeros(self.m.tokenizer.codebook_size, dtype=torch.long, device=self.device)
+        if resume:
+            self._load(ckpt.load_checkpoint(ckpt.checkpoint_path(self.run_dir)))
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_modules(self) -> Modules:
+        cfg, dev = self.cfg, self.device
+        tokenizer = tokenizer_from_config(cfg).to(dev)
+        m = Modules(tokenizer=tokenizer)
+        uses_ar = self.stage in ("joint", "ar")
+        uses_align = (self.stage == "joint" and (cfg.align.lambda_tok > 0 or cfg.align.lambda_ar > 0)) or (
+            self.stage == "ar" and cfg.align.lambda_ar > 0
+        )
+        if uses_ar:
+            m.generator = generator_from_config(cfg, tokenizer, self.num_classes).to(dev)
+            self.tap_layer = tap_layer(cfg, m.generator.config.n_layer)
+        if uses_align:
+            m.teacher = build_teacher(cfg.align.teacher, path=cfg.align.teacher_path or None).to(dev)
+            m.projector = Projector(m.generator.config.dim, m.teacher.feature_dim, cfg.align.projector_dim).to(dev)
+        if self.stage in ("tokenizer", "joint"):
+            if cfg.loss.perceptual_weight > 0:
+                m.perceptual = build_perceptual_loss(
+                    cfg.loss.perceptual, vgg_path=cfg.loss.lpips_vgg_path or None, lpips_path=cfg.loss.lpips_heads_path or None
+                ).to(dev)
+            if cfg.loss.gan_weight > 0:
+                m.discriminator = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers).to(dev)
+                if self.env.distributed:
+                    m.discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(m.discriminator)
+        if self.stage == "ar":
+            tokenizer.eval().requires_grad_(False)
+        if cfg.train.compile:  # in place: parameter names and state dicts stay those of the plain modules
+            for mod in (m.tokenizer, m.generator, m.discriminator):
+                if mod is not None:
+                    mod.compile()
+        return m
+
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        m = self.m
+        mods = {
+            "tokenizer": m.tokenizer if self.stage in ("tokenizer", "joint") else None,
+            "generator": m.generator,
+            "projector": m.projector,
+            "discriminator": m.discriminator,
+        }
+        return {k: v for k, v in mods.items() if v is not None}
+
+    def _build_optimizers(self) -> dict[str, Updater]:
+        o = self.cfg.optim
+        groups = {
+            "tokenizer": ["tokenizer"],
+            "generator": ["generator", "projector"],  # the projector learns with the AR (frozen in the tokenizer update)
+            "discriminator": ["discriminator"],
+        }
+        opts = {}
+        for name, members in groups.items():
+            params = [p for key in members if key in self.trained for p in self.trained[key].parameters()]
+            if params:
+                lr = o.disc_lr if name == "discriminator" else o.lr
+                optim = torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
+                opts[name] = Updater(optim, params, o.grad_clip)
+        return opts
+
+    def _wrap_for_processes(self) -> Modules:
+        """The modules the step functions call: DDP-wrapped where they are trained by several processes."""
+        if not self.env.distributed:
+            return self.m
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        wrap = lambda mod: DDP(mod, device_ids=ids, broadcast_buffers=False)  # noqa: E731
+        m = self.m
+        return Modules(
+            tokenizer=wrap(m.tokenizer) if "tokenizer" in self.trained else m.tokenizer,
+            teacher=m.teacher,
+            generator=wrap(m.generator) if m.generator is not None else None,
+            projector=wrap(m.projector) if m.projector is not None else None,
+            discriminator=wrap(m.discriminator) if m.discriminator is not None else None,
+            perceptual=m.perceptual,
+        )
+
+    def step_config(self) -> StepConfig:
+        c = self.cfg
+        return StepConfig(
+            temperature=c.align.temperature, soft_top_k=c.align.soft_top_k, lambda_tok=c.align.lambda_tok,
+            lambda_ar=c.align.lambda_ar, tap_layer=self.tap_layer, grid=self.grid, l1_weight=c.loss.l1_weight,
+            perceptual_weight=c.loss.perceptual_weight, gan_weight=c.loss.gan_weight,
+            gan_active=self.step >= c.loss.gan_start,
+            class_dropout=self.m.generator.config.class_dropout if self.m.generator is not None else 0.0,
+            straight_through=c.train.joint_mode == "ste",
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> RunSummary:
+        cfg, t = self.cfg, self.cfg.train
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        writer = self._writer()
+        stream = batch_stream(self.dataset, t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size,
+                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        step_fn = STEPS[self.stage]
+        bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.env.is_main), dynamic_ncols=True,
+                   desc=f"{self.stage}")
+        start, last_metrics = time.time(), {}
+        window: dict[str, list[Tensor]] = {}
+        for module in self.trained.values():
+            module.train()
+        while self.step < t.steps:
+            batch = next(stream)
+            images = batch.image.to(self.device, non_blocking=True)
+            labels = batch.label.to(self.device, non_blocking=True)
+            with self._autocast():
+                target = self._teacher_features(images, batch.index)
+                result = step_fn(self.wrapped, self.opts, self.step_config(), images, labels, target)
+            self.step += 1
+            for name, ema in self.emas.items():
+                ema.update(self.trained[name])
+            self.usage_counts += torch.bincount(result.indices.flatten(), minlength=self.usage_counts.numel())
+            for k, v in result.metrics.items():
+                window.setdefault(k, []).append(v.float())
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                last_metrics = self._log(writer, window, result.indices)
+                window = {}
+                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in last_metrics.items() if k.endswith("loss")})
+            if self.step % t.sample_every == 0 or self.step == t.steps:
+                self.write_grids()
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        summary = RunSummary(self.run_dir, self.step, last_metrics, last_metrics.get("codebook/usage_window", float("nan")),
+                             time.time() - start)
+        if self.env.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(
+                {"stage": self.stage, "step": summary.step, "seconds": round(summary.seconds, 1), **summary.metrics}, indent=2))
+        return summary
+
+    def _autocast(self):
+        p = self.cfg.train.precision
+        bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def _teacher_features(self, images: Tensor, index: Tensor) -> Tensor | None:
+        if self.m.teacher is None:
+            return None
+        if not self.cfg.train.cache_teacher_features:
+            with torch.no_grad():
+                return self.m.teacher(images, self.grid).float()
+        keys = index.tolist()
+        missing = [i for i, k in enumerate(keys) if k not in self.teacher_cache]
+        if missing:
+            with torch.no_grad():
+                feats = self.m.teacher(images[missing], self.grid).float()
+            for i, f in zip(missing, feats):
+                self.teacher_cache[keys[i]] = f.to(torch.float16).cpu()
+        return torch.stack([self.teacher_cache[k] for k in keys]).to(self.device, torch.float32)
+
+    # ------------------------------------------------------------------ logging and artefacts
+
+    def _writer(self):
+        if not self.env.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tb"))
+
+    def _log(self, writer, window: dict[str, list[Tensor]], indices: Tensor) -> dict[str, float]:
+        K = self.usage_counts.numel()
+        batch_counts = all_reduce_sum(torch.bincount(indices.flatten(), minlength=K))
+        window_counts = all_reduce_sum(self.usage_counts.clone())
+        self.usage_counts.zero_()
+        metrics = {k: all_reduce_mean(torch.stack(v).mean()).item() for k, v in window.items()}
+        metrics["codebook/usage_batch"] = (batch_counts > 0).float().mean().item()
+        metrics["codebook/usage_window"] = (window_counts > 0).float().mean().item()
+        p = window_counts.float() / window_counts.sum().clamp_min(1)
+        metrics["codebook/perplexity"] = math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(k, v, self.step)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        return metrics
+
+    @torch.no_grad()
+    def write_grids(self) -> None:
+        if not self.env.is_main:
+            return
+        tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
+        images = torch.stack([self.holdout[i].image for i in range(8)]).to(self.device)
+        recon = tok.decode(tok.encode(images))
+        pairs = torch.stack([images, recon], dim=1).flatten(0, 1)
+        save_image_grid(pairs.float().cpu(), self.run_dir / "recon" / f"step_{self.step:07d}.png", nrow=8)
+        if self.m.generator is None:
+            return
+        gen = self.emas["generator"].module if "generator" in self.emas else self.m.generator
+        e = self.cfg.eval
+        classes = list(e.sample_classes) or list(range(min(10, self.num_classes)))
+        labels = torch.tensor(classes, device=self.device).repeat_interleave(e.samples_per_class)
+        indices = gen.generate(labels, cfg_scale=e.cfg_scale, seed=0)
+        samples = tok.decode(indices)
+        save_image_grid(samples.float().cpu(), self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=e.samples_per_class)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> None:
+        """Checkpoint for resume, plus safetensors model directories for sampling (rank 0 only)."""
+        if self.env.is_main:
+            payload = {
+                "step": self.step,
+                "stage": self.stage,
+                "modules": {k: v.state_dict() for k, v in self.trained.items()},
+                "optimizers": {k: u.optimizer.state_dict() for k, u in self.opts.items()},
+                "emas": {k: e.state_dict() for k, e in self.emas.items()},
+                "rng": ckpt.rng_state(),
+            }
+            ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir), payload)
+            self._export_models()
+        barrier()
+
+    def _export_models(self) -> None:
+        for kind, mod in (("tokenizer", self.m.tokenizer), ("generator", self.m.generator)):
+            if mod is None:
+                continue
+            ema = self.emas.get(kind)
+            (ema.module if ema is not None else mod).save_pretrained(self.run_dir / kind)
+            mod.save_pretrained(self.run_dir / f"{kind}{LIVE_SUFFIX}")
+
+    def _load(self, payload: dict) -> None:
+        if payload.get("stage") != self.stage:
+            raise ValueError(f"the checkpoint is of stage {payload.get('stage')!r}, this config trains {self.stage!r}")
+        for k, mod in self.trained.items():
+            mod.load_state_dict(payload["modules"][k])
+        for k, u in self.opts.items():
+            u.optimizer.load_state_dict(payload["optimizers"][k])
+        for k, e in self.emas.items():
+            e.load_state_dict(payload["emas"][k])
+        ckpt.set_rng_state(payload["rng"])
+        self.step = int(payload["step"])

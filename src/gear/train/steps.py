@@ -1,0 +1,245 @@
+"""One training iteration of each stage: the paper's update rule, written out.
+
+    theta_tok <- theta_tok - eta * grad( L_VQ  + lambda_tok * L_align(soft) )
+    theta_AR  <- theta_AR  - eta * grad( L_NTP + lambda_AR  * L_align(hard) )
+
+Each ``update_*`` function computes one loss and steps one optimizer; ``gear_step`` composes them in the
+paper's order. Nothing here knows about logging, checkpoints or processes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gear.align.repa import repa_loss
+from gear.losses.discriminator import hinge_d_loss, hinge_g_loss
+from gear.models.autoencoder import TokenizerOutput
+from gear.models.gpt import drop_labels
+from gear.models.quantizers import soft_assignment
+
+
+@dataclass
+class Updater:
+    """An optimizer with its parameters and clip norm: ``step(loss)`` = zero, backward, clip, step."""
+
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    grad_clip: float
+
+    def step(self, loss: Tensor) -> Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(loss.device.type, enabled=False):  # backward runs outside the forward's autocast
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        return norm
+
+
+@dataclass
+class Modules:
+    """The modules of one run; those a stage does not use are None."""
+
+    tokenizer: nn.Module
+    teacher: nn.Module | None = None
+    generator: nn.Module | None = None
+    projector: nn.Module | None = None
+    discriminator: nn.Module | None = None
+    perceptual: nn.Module | None = None
+
+
+@dataclass
+class StepConfig:
+    """The few numbers a step needs, read from the run config once."""
+
+    temperature: float = 0.1
+    soft_top_k: int = 0
+    lambda_tok: float = 0.5
+    lambda_ar: float = 0.5
+    tap_layer: int = 2
+    grid: int = 8
+    l1_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    gan_weight: float = 0.1
+    gan_active: bool = True
+    class_dropout: float = 0.1
+    straight_through: bool = False           # joint_mode == "ste": NTP reaches the tokenizer
+
+
+@dataclass
+class StepResult:
+    """Scalar metrics of one iteration (detached tensors; the loop decides when to sync them to floats)."""
+
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    indices: Tensor | None = None            # (B, h, w) hard codes of this batch, for codebook usage
+
+
+def unwrap(module: nn.Module | None) -> nn.Module | None:
+    """The module inside a DistributedDataParallel wrapper: frozen uses must not go through DDP's reducer."""
+    return getattr(module, "module", module)
+
+
+@contextmanager
+def frozen(*modules: nn.Module | None, eval_mode: bool = True) -> Iterator[None]:
+    """Gradients pass through these modules but never land in them; eval mode (no dropout) meanwhile."""
+    live = [m for m in modules if m is not None]
+    saved = [(m, m.training, [p.requires_grad for p in m.parameters()]) for m in live]
+    for m in live:
+        if eval_mode:
+            m.eval()
+        m.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, training, flags in saved:
+            m.train(training)
+            for p, flag in zip(m.parameters(), flags):
+                p.requires_grad_(flag)
+
+
+def soft_tokens(d: Tensor, temperature: float, top_k: int, batch: int) -> Tensor:
+    """softmax(-d / T) as (B, L, K); with top_k > 0 only the k nearest codes keep mass (renormalized)."""
+    if top_k and top_k < d.shape[-1]:
+        neg, idx = torch.topk(-d, top_k, dim=-1)
+        probs = torch.softmax(neg / temperature, dim=-1)
+        soft = torch.zeros_like(d).scatter(-1, idx, probs)
+    else:
+        soft = soft_assignment(d, temperature)
+    return soft.view(batch, -1, d.shape[-1])
+
+
+def reconstruction_loss(m: Modules, cfg: StepConfig, images: Tensor, out: TokenizerOutput) -> dict[str, Tensor]:
+    """L_VQ: L1 + perceptual + GAN generator term + the quantizer's codebook/commitment/entropy terms."""
+    rec = out.reconstruction
+    terms = {
+        "l1": cfg.l1_weight * (rec - images).abs().mean(),
+        "codebook": out.quant.losses.codebook,
+        "commitment": out.quant.losses.commitment,
+        "entropy": out.quant.losses.entropy,
+    }
+    if m.perceptual is not None and cfg.perceptual_weight > 0:
+        terms["perceptual"] = cfg.perceptual_weight * m.perceptual(rec, images)
+    if m.discriminator is not None and cfg.gan_active and cfg.gan_weight > 0:
+        disc = unwrap(m.discriminator)
+        with frozen(disc, eval_mode=False):  # batch statistics, as in the discriminator's own update
+            terms["gan_g"] = cfg.gan_weight * hinge_g_loss(disc(rec))
+    return terms
+
+
+def tokenizer_terms(m: Modules, cfg: StepConfig, images, labels, target, out: TokenizerOutput) -> dict[str, Tensor]:
+    """L_VQ + lambda_tok * L_align(soft): the AR and projector are frozen, gradients pass through them."""
+    terms = reconstruction_loss(m, cfg, images, out)
+    if m.generator is None or not (cfg.lambda_tok > 0 or cfg.straight_through):
+        return terms
+    B = images.shape[0]
+    soft = soft_tokens(out.quant.d, cfg.temperature, cfg.soft_top_k, B)
+    generator, projector = unwrap(m.generator), unwrap(m.projector)
+    with frozen(generator, projector):
+        if cfg.straight_through:  # the collapsing baseline: forward one-hot, backward soft, NTP included
+            hard = F.one_hot(out.quant.indices.view(B, -1), soft.shape[-1]).to(soft.dtype)
+            soft = soft + (hard - soft).detach()
+        ar = generator(soft[:, :-1], labels, tap_layer=cfg.tap_layer, stop_at_tap=not cfg.straight_through)
+        if cfg.lambda_tok > 0:
+            terms["align_tok"] = cfg.lambda_tok * repa_loss(projector(ar.hidden), target)
+        if cfg.straight_through:
+            terms["ntp_tok"] = next_token_loss(ar.logits, out.quant.indices.view(B, -1))
+    return terms
+
+
+def generator_terms(m: Modules, cfg: StepConfig, indices: Tensor, labels, target) -> dict[str, Tensor]:
+    """L_NTP + lambda_AR * L_align(hard), on detached hard indices: nothing reaches the tokenizer."""
+    tokens = indices.detach().view(indices.shape[0], -1)
+    labels = drop_labels(labels, cfg.class_dropout, unwrap(m.generator).null_class)
+    use_align = cfg.lambda_ar > 0
+    out = m.generator(tokens[:, :-1], labels, tap_layer=cfg.tap_layer if use_align else None)
+    terms = {"ntp": next_token_loss(out.logits, tokens)}
+    if use_align:
+        terms["align_ar"] = cfg.lambda_ar * repa_loss(m.projector(out.hidden), target)
+    return terms
+
+
+def update_tokenizer(m: Modules, opt: Updater, cfg: StepConfig, images, labels, target, out) -> dict[str, Tensor]:
+    """theta_tok <- theta_tok - eta * grad(L_VQ + lambda_tok * L_align(soft))."""
+    terms = tokenizer_terms(m, cfg, images, labels, target, out)
+    loss = sum(terms.values())
+    metrics = {f"tok/{k}": v.detach() for k, v in terms.items()}
+    metrics["tok/loss"] = loss.detach()
+    metrics["grad_norm/tokenizer"] = opt.step(loss)
+    return metrics
+
+
+def update_discriminator(m: Modules, opt: Updater, images: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
+    """Hinge loss on real images vs the detached reconstruction."""
+    loss = hinge_d_loss(m.discriminator(images), m.discriminator(reconstruction.detach()))
+    return {"disc/loss": loss.detach(), "grad_norm/discriminator": opt.step(loss)}
+
+
+def update_generator(m: Modules, opt: Updater, cfg: StepConfig, indices: Tensor, labels, target) -> dict[str, Tensor]:
+    """theta_AR <- theta_AR - eta * grad(L_NTP + lambda_AR * L_align(hard))."""
+    terms = generator_terms(m, cfg, indices, labels, target)
+    loss = sum(terms.values())
+    metrics = {f"ar/{k}": v.detach() for k, v in terms.items()}
+    if "align_ar" in terms:
+        metrics["ar/align_cos"] = -terms["align_ar"].detach() / cfg.lambda_ar
+    metrics["ar/loss"] = loss.detach()
+    metrics["grad_norm/generator"] = opt.step(loss)
+    return metrics
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+
+
+# ---------------------------------------------------------------------------- the three stages
+
+
+def teacher_target(m: Modules, images: Tensor, grid: int, cached: Tensor | None = None) -> Tensor | None:
+    if cached is not None:
+        return cached
+    if m.teacher is None:
+        return None
+    with torch.no_grad():
+        return m.teacher(images, grid)
+
+
+def tokenizer_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target=None) -> StepResult:
+    """Stage 0, warm-up: reconstruction + GAN, no AR."""
+    out = m.tokenizer(images)
+    metrics = update_tokenizer(m, opts["tokenizer"], cfg, images, labels, None, out)
+    if m.discriminator is not None and cfg.gan_active:
+        metrics |= update_discriminator(m, opts["discriminator"], images, out.reconstruction)
+    return StepResult(metrics, out.quant.indices.detach())
+
+
+def gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target) -> StepResult:
+    """Stage 1, GEAR: one tokenizer forward, then tokenizer, discriminator and AR updates."""
+    out = m.tokenizer(images)                                                  # one tokenizer forward
+    metrics = update_tokenizer(m, opts["tokenizer"], cfg, images, labels, target, out)
+    if m.discriminator is not None and cfg.gan_active:
+        metrics |= update_discriminator(m, opts["discriminator"], images, out.reconstruction)
+    metrics |= update_generator(m, opts["generator"], cfg, out.quant.indices, labels, target)
+    metrics |= soft_statistics(out.quant.d.detach(), cfg.temperature)
+    return StepResult(metrics, out.quant.indices.detach())
+
+
+def ar_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target) -> StepResult:
+    """Stage 2 and the baselines: the AR on a frozen tokenizer (with REPA when lambda_ar > 0)."""
+    with torch.no_grad():
+        indices = unwrap(m.tokenizer).encode(images)
+    metrics = update_generator(m, opts["generator"], cfg, indices, labels, target)
+    return StepResult(metrics, indices)
+
+
+STEPS = {"tokenizer": tokenizer_step, "joint": gear_step, "ar": ar_step}
+
+
+def soft_statistics(d: Tensor, temperature: float) -> dict[str, Tensor]:
+    """Entropy and top-1 mass of the soft assignment the tokenizer update saw."""
+    logp = torch.log_softmax(-d.float() / temperature, dim=-1)
+    p = logp.exp()
+    return {"soft/entropy": -(p * logp).sum(-1).mean(), "soft/top1": p.max(-1).values.mean()}

@@ -1,0 +1,113 @@
+"""Gradient routing of the GEAR joint step: which loss reaches which parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gear.align.repa import Projector
+from gear.models.autoencoder import build_tokenizer
+from gear.models.gpt import build_generator
+from gear.train.steps import Modules, StepConfig, Updater, generator_terms, tokenizer_terms, update_tokenizer
+
+GRID = 8
+
+
+class FixedTeacher(torch.nn.Module):
+    """A frozen random patch embedding: enough to give the alignment loss a target of the right shape."""
+
+    feature_dim = 24
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, self.feature_dim, 4, stride=4).requires_grad_(False)
+
+    def forward(self, images, grid):
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+@pytest.fixture()
+def modules():
+    torch.manual_seed(0)
+    tok = build_tokenizer("vq-tiny")
+    gen = build_generator("gpt-tiny", vocab_size=tok.codebook_size, grid_size=GRID, num_classes=10)
+    for p in gen.parameters():  # the output layer starts at zero; randomize so logits carry gradient
+        torch.nn.init.normal_(p, std=0.05)
+    teacher = FixedTeacher()
+    return Modules(tokenizer=tok, generator=gen, projector=Projector(gen.config.dim, teacher.feature_dim, 64),
+                   teacher=teacher)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)
+
+
+def grads(loss, params):
+    return torch.autograd.grad(loss, list(params), allow_unused=True, retain_graph=True)
+
+
+def nonzero(g):
+    return g is not None and g.abs().sum() > 0
+
+
+def test_soft_branch_reaches_encoder_and_codebook_only(modules):
+    m, cfg = modules, StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0)
+    images, labels = batch()
+    out = m.tokenizer(images)
+    terms = tokenizer_terms(m, cfg, images, labels, m.teacher(images, GRID), out)
+    align = terms["align_tok"]
+    enc = grads(align, m.tokenizer.encoder.parameters())
+    assert any(nonzero(g) for g in enc)
+    (codebook,) = grads(align, [m.tokenizer.quantize.embedding.weight])
+    assert nonzero(codebook)
+    # the AR and the projector were frozen: they are not even in the graph of the tokenizer loss
+    assert all(g is None for g in grads(align, list(m.generator.parameters()) + list(m.projector.parameters())))
+    # the decoder plays no part in the alignment term
+    assert all(g is None for g in grads(align, m.tokenizer.decoder.parameters()))
+
+
+def test_tokenizer_update_leaves_ar_and_projector_without_gradients(modules):
+    m, cfg = modules, StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0)
+    images, labels = batch()
+    params = [p for p in m.tokenizer.parameters()]
+    opt = Updater(torch.optim.AdamW(params, lr=1e-3), params, 1.0)
+    before = [p.detach().clone() for p in m.generator.parameters()]
+    update_tokenizer(m, opt, cfg, images, labels, m.teacher(images, GRID), m.tokenizer(images))
+    assert all(p.grad is None for p in m.generator.parameters())
+    assert all(p.grad is None for p in m.projector.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, m.generator.parameters()))
+    assert all(p.requires_grad for p in m.generator.parameters()), "freezing must be undone after the update"
+    assert m.tokenizer.encoder.conv_in.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["gear", "ste"])
+def test_ntp_reaches_the_tokenizer_only_straight_through(modules, mode):
+    m = modules
+    images, labels = batch()
+    out = m.tokenizer(images)
+    target = m.teacher(images, GRID)
+    tok_params = list(m.tokenizer.parameters())
+    # the AR update's loss, on the hard indices
+    ntp = generator_terms(m, StepConfig(grid=GRID), out.quant.indices, labels, target)["ntp"]
+    assert all(g is None for g in grads(ntp, tok_params))
+    assert any(nonzero(g) for g in grads(ntp, m.generator.parameters()))
+    if mode == "ste":  # the collapsing baseline: the NTP loss enters the tokenizer update straight-through
+        cfg = StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0, straight_through=True)
+        ntp_tok = tokenizer_terms(m, cfg, images, labels, target, out)["ntp_tok"]
+        assert any(nonzero(g) for g in grads(ntp_tok, m.tokenizer.encoder.parameters()))
+    else:
+        cfg = StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0)
+        assert "ntp_tok" not in tokenizer_terms(m, cfg, images, labels, target, out)
+
+
+def test_top_k_soft_assignment_is_exact_when_k_is_the_codebook(modules):
+    from gear.train.steps import soft_tokens
+
+    d = torch.rand(6, 512)
+    full = soft_tokens(d, 0.1, 0, 2)
+    assert torch.allclose(soft_tokens(d, 0.1, 512, 2), full)
+    top = soft_tokens(d, 0.1, 8, 2)
+    assert torch.allclose(top.sum(-1), torch.ones(2, 3))
+    assert ((top > 0).sum(-1) == 8).all()
+    assert torch.equal(top.argmax(-1), full.argmax(-1))
