@@ -1,0 +1,128 @@
+"""Frechet distance between Gaussians fitted to feature sets, and cached reference statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import scipy.linalg
+
+
+@dataclass
+class FeatureStats:
+    """Mean and covariance of ``n`` feature vectors; optionally the features themselves (float32), which
+    precision/recall need and the Frechet distance does not."""
+
+    mu: np.ndarray  # (D,)
+    sigma: np.ndarray  # (D, D)
+    n: int
+    features: np.ndarray | None = None  # (n, D)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an ``.npz`` (atomically: a crash leaves no half file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"mu": self.mu, "sigma": self.sigma, "n": np.array(self.n, dtype=np.int64)}
+        if self.features is not None:
+            arrays["features"] = self.features
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                features = data["features"] if "features" in data.files else None
+                return cls(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]), features=features)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"cannot read feature statistics from {path} ({err}); delete it and recompute") from None
+
+
+def compute_stats(features: np.ndarray, keep_features: bool = False) -> FeatureStats:
+    """Fit mean and (unbiased) covariance to (N, D) features, N >= 2."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features must be (N, D) with N >= 2, got shape {features.shape}")
+    return FeatureStats(
+        mu=features.mean(axis=0),
+        sigma=np.cov(features, rowvar=False),
+        n=len(features),
+        features=features.astype(np.float32) if keep_features else None,
+    )
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
+
+    When the matrix square root is not finite (a singular product, e.g. fewer samples than dimensions),
+    ``eps`` is added to both diagonals and it is taken again. A numerically complex root is accepted only
+    if the imaginary parts of its diagonal are negligible.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"expected mu (D,) and sigma (D, D) for one D, got {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        # A singular product is expected with few samples; it is handled below, not reported.
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(d) * eps
+            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        largest = np.abs(np.diagonal(covmean).imag).max()
+        if largest > 1e-3:
+            raise ValueError(f"the covariance product has a square root with imaginary part {largest:.3g}: too few samples?")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def stats_key(dataset: str, feature: str, num: int) -> str:
+    """A cache key that names what the statistics depend on: data, feature extractor and sample count."""
+    return f"{dataset}-{feature}-n{num}"
+
+
+def cached_reference_stats(
+    key: str, cache_dir: str | os.PathLike, compute_fn: Callable[[], FeatureStats]
+) -> FeatureStats:
+    """Load ``cache_dir/<key>.npz`` if present, else call ``compute_fn`` once and save its result there.
+
+    ``key`` must identify the data set, the feature extractor and the sample count (see ``stats_key``):
+    statistics computed with another extractor or count are not interchangeable.
+    """
+    if not key:
+        raise ValueError("key must be a non-empty string such as stats_key('fmnist-test', 'inception', 10000)")
+    # Readable file name plus a digest of the exact key, so two keys never share a file.
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    path = Path(cache_dir) / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}-{digest}.npz"
+    if path.is_file():
+        return FeatureStats.load(path)
+    stats = compute_fn()
+    if not isinstance(stats, FeatureStats):
+        raise ValueError(f"compute_fn must return a FeatureStats, got {type(stats).__name__}")
+    stats.save(path)
+    return stats

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+
+from gear.eval.export import save_adm_npz
+
+
+def test_float_images_become_uint8_nhwc(tmp_path):
+    images = torch.zeros(2, 3, 4, 5)
+    images[0, 0] = -1.0
+    images[0, 1] = 1.0
+    images[1, 2, 1, 2] = 0.5
+    path = save_adm_npz(images, tmp_path / "samples")
+    assert path.name == "samples.npz"
+    with np.load(path, allow_pickle=False) as data:
+        assert data.files == ["arr_0"]
+        arr = data["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (2, 4, 5, 3)
+    assert (arr[0, :, :, 0] == 0).all() and (arr[0, :, :, 1] == 255).all() and (arr[0, :, :, 2] == 128).all()
+    assert arr[1, 1, 2, 2] == round(1.5 * 127.5)
+    expected = (images.clamp(-1, 1).add(1).mul(127.5).round().permute(0, 2, 3, 1)).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(arr, expected)
+
+
+def test_uint8_and_grey(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, size=(3, 6, 6, 3), dtype=np.uint8)
+    with np.load(save_adm_npz(rgb, tmp_path / "a.npz")) as data:
+        np.testing.assert_array_equal(data["arr_0"], rgb)
+    grey = torch.linspace(-1, 1, 16).view(1, 1, 4, 4)
+    with np.load(save_adm_npz(grey, tmp_path / "g.npz")) as data:
+        arr = data["arr_0"]
+    assert arr.shape == (1, 4, 4, 3) and (arr[..., 0] == arr[..., 2]).all()
+
+
+def test_bad_input_raises(tmp_path):
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        save_adm_npz(torch.full((1, 3, 4, 4), 200.0), tmp_path / "x.npz")
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        save_adm_npz(torch.zeros(3, 4, 4), tmp_path / "x.npz")
