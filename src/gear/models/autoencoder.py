@@ -257,7 +257,8 @@ class Tokenizer(nn.Module, Pretrained):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         """images -> int64 token grid (B, h, w)."""
-        return self.quantize(self.quant_conv(self.encoder(self._check_images(images)))).indices
+        latent = self.quant_conv(self.encoder(self._check_images(images)))
+        return self.quantize(latent, with_entropy=False).indices
 
     def decode(self, indices: Tensor) -> Tensor:
         """int64 token grid (B, h, w) -> images (B, 3, h * downsample, w * downsample)."""

@@ -128,7 +128,9 @@ class _Quantizer(nn.Module):
         self.entropy_ratio = entropy_ratio
         self.entropy_temperature = entropy_temperature
 
-    def forward(self, z: Tensor) -> QuantizerOutput:
+    def forward(self, z: Tensor, with_entropy: bool = True) -> QuantizerOutput:
+        """Quantize ``z``; ``with_entropy=False`` skips the entropy term, whose batch average is a collective
+        under torch.distributed (encoding on one rank alone must not wait for the others)."""
         if z.ndim != 4 or z.shape[1] != self.code_dim or not z.is_floating_point():
             raise ValueError(
                 f"expected a float latent of shape (B, {self.code_dim}, h, w), got {tuple(z.shape)} {z.dtype}"
@@ -137,7 +139,8 @@ class _Quantizer(nn.Module):
         with _full_precision(z.device):
             flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.code_dim)
             a = self._quantize(flat)
-            entropy = entropy_loss(a.d, self.entropy_temperature, self.entropy_ratio)
+            ratio = self.entropy_ratio if with_entropy else 0.0
+            entropy = entropy_loss(a.d, self.entropy_temperature, ratio)
         return QuantizerOutput(
             z_q=a.z_q.view(b, h, w, self.code_dim).permute(0, 3, 1, 2).to(z.dtype).contiguous(),
             indices=a.indices.view(b, h, w),
