@@ -8,9 +8,19 @@ import torch
 from gear.align.repa import Projector
 from gear.models.autoencoder import build_tokenizer
 from gear.models.gpt import build_generator
-from gear.train.steps import Modules, StepConfig, Updater, generator_terms, tokenizer_terms, update_tokenizer
+import dataclasses
+
+from gear.config import load_config
+from gear.train.steps import (Modules, StepConfig, Updater, gear_step, generator_terms, tokenizer_terms,
+                              update_tokenizer)
 
 GRID = 8
+
+
+def step_cfg(**changes) -> StepConfig:
+    """The default config's step settings (no perceptual loss, no GAN: the routing of the other terms is tested)."""
+    base = StepConfig.from_config(load_config(None), tap_layer=2, class_dropout=0.1)
+    return dataclasses.replace(base, **{"perceptual_weight": 0.0, "gan_weight": 0.0, **changes})
 
 
 class FixedTeacher(torch.nn.Module):
@@ -52,7 +62,7 @@ def nonzero(g):
 
 
 def test_soft_branch_reaches_encoder_and_codebook_only(modules):
-    m, cfg = modules, StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0)
+    m, cfg = modules, step_cfg()
     images, labels = batch()
     out = m.tokenizer(images)
     terms = tokenizer_terms(m, cfg, images, labels, m.teacher(images, GRID), out)
@@ -68,7 +78,7 @@ def test_soft_branch_reaches_encoder_and_codebook_only(modules):
 
 
 def test_tokenizer_update_leaves_ar_and_projector_without_gradients(modules):
-    m, cfg = modules, StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0)
+    m, cfg = modules, step_cfg()
     images, labels = batch()
     params = [p for p in m.tokenizer.parameters()]
     opt = Updater(torch.optim.AdamW(params, lr=1e-3), params, 1.0)
@@ -89,15 +99,15 @@ def test_ntp_reaches_the_tokenizer_only_straight_through(modules, mode):
     target = m.teacher(images, GRID)
     tok_params = list(m.tokenizer.parameters())
     # the AR update's loss, on the hard indices
-    ntp = generator_terms(m, StepConfig(grid=GRID), out.quant.indices, labels, target)["ntp"]
+    ntp = generator_terms(m, step_cfg(), out.quant.indices, labels, target)["ntp"]
     assert all(g is None for g in grads(ntp, tok_params))
     assert any(nonzero(g) for g in grads(ntp, m.generator.parameters()))
     if mode == "ste":  # the collapsing baseline: the NTP loss enters the tokenizer update straight-through
-        cfg = StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0, straight_through=True)
+        cfg = step_cfg(straight_through=True)
         ntp_tok = tokenizer_terms(m, cfg, images, labels, target, out)["ntp_tok"]
         assert any(nonzero(g) for g in grads(ntp_tok, m.tokenizer.encoder.parameters()))
     else:
-        cfg = StepConfig(grid=GRID, perceptual_weight=0, gan_weight=0)
+        cfg = step_cfg()
         assert "ntp_tok" not in tokenizer_terms(m, cfg, images, labels, target, out)
 
 
@@ -111,3 +121,46 @@ def test_top_k_soft_assignment_is_exact_when_k_is_the_codebook(modules):
     assert torch.allclose(top.sum(-1), torch.ones(2, 3))
     assert ((top > 0).sum(-1) == 8).all()
     assert torch.equal(top.argmax(-1), full.argmax(-1))
+
+
+def test_joint_step_ar_update_leaves_the_tokenizer_untouched(modules):
+    """End to end: after the tokenizer update, the AR update changes no tokenizer parameter or gradient."""
+    m = modules
+    images, labels = batch()
+    tok_params = [p for p in m.tokenizer.parameters()]
+    ar_params = [*m.generator.parameters(), *m.projector.parameters()]
+    opts = {"tokenizer": Updater(torch.optim.SGD(tok_params, lr=0.1), tok_params, 0.0),
+            "generator": Updater(torch.optim.SGD(ar_params, lr=0.1), ar_params, 0.0)}
+    snapshot = {}
+
+    original = opts["generator"].step
+
+    def record_then_step(loss):
+        snapshot.update({id(p): (p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in tok_params})
+        return original(loss)
+
+    opts["generator"].step = record_then_step
+    before_ar = [p.detach().clone() for p in ar_params]
+    gear_step(m, opts, step_cfg(), images, labels, m.teacher(images, GRID))
+    for p in tok_params:
+        value, grad = snapshot[id(p)]
+        assert torch.equal(p, value) and (grad is None) == (p.grad is None)
+        assert grad is None or torch.equal(grad, p.grad)
+    assert any(not torch.equal(a, b) for a, b in zip(before_ar, ar_params)), "the AR update must train the AR"
+
+
+def test_soft_branch_runs_the_ar_in_eval_mode_with_labels_kept(modules):
+    """Dropout and class dropout are off in the tokenizer update: two calls give the same alignment loss,
+    equal to that of the AR in eval mode with the true labels."""
+    m = modules
+    gen = build_generator("gpt-tiny", vocab_size=512, grid_size=GRID, num_classes=10, token_dropout=0.5,
+                          resid_dropout=0.5, ffn_dropout=0.5)
+    gen.load_state_dict(m.generator.state_dict())
+    m = dataclasses.replace(m, generator=gen.train())
+    images, labels = batch()
+    out, target = m.tokenizer(images), m.teacher(images, GRID)
+    first = tokenizer_terms(m, step_cfg(class_dropout=1.0), images, labels, target, out)["align_tok"]
+    second = tokenizer_terms(m, step_cfg(class_dropout=1.0), images, labels, target, out)["align_tok"]
+    kept = tokenizer_terms(m, step_cfg(class_dropout=0.0), images, labels, target, out)["align_tok"]
+    assert torch.equal(first, second) and torch.equal(first, kept)
+    assert gen.training, "the AR's mode is restored after the update"

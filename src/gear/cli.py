@@ -1,4 +1,4 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval."""
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon."""
 
 from __future__ import annotations
 
@@ -49,8 +49,11 @@ def cmd_resume(args: argparse.Namespace) -> None:
     from gear.config import load_config
     from gear.train.loop import Trainer
 
+    import dataclasses
+
     config = Path(args.run_dir) / "config.yaml"
-    cfg = load_config(config, [f"train.out_dir={args.run_dir}", *args.overrides])
+    cfg = load_config(config, args.overrides)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(args.run_dir)))
     _print_summary(Trainer(cfg, resume=True).fit())
 
 
@@ -112,7 +115,31 @@ def _run_image_size(run_dir: str) -> int:
     return load_config(config).data.image_size
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from gear.eval import runs
+
+    data = runs.run_data_config(args.run_dir)
+    cache = Path(args.cache_dir) if args.cache_dir else None
+    tok, gen = runs.load_pair(args.run_dir, ema=not args.live, device=args.device)
+    classifier = None
+    if args.feature == "classifier" or (args.what == "gen" and data.name == "fashion-mnist"):
+        classifier = runs.reference_classifier(data, cache, device=args.device)
+    if args.what == "gen":
+        if gen is None:
+            raise FileNotFoundError(f"{args.run_dir} holds no generator: evaluate a joint or ar run")
+        metrics = runs.generation_metrics(tok, gen, data, num=args.num, cfg_scale=args.cfg_scale, feature=args.feature,
+                                          batch_size=args.batch_size, seed=args.seed, classifier=classifier,
+                                          cache_dir=cache, npz=args.npz, progress=True)
+    else:
+        metrics = runs.reconstruction_metrics(tok, data, num=args.num, feature=args.feature, batch_size=args.batch_size,
+                                              classifier=classifier, progress=True)
+    print(runs.write_json({"run": str(args.run_dir), "what": args.what, **metrics}, args.out))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gear.config import EvalConfig
+
+    cfg_scale = EvalConfig().cfg_scale
     p = argparse.ArgumentParser(prog="gear", description="GEAR: joint VQ tokenizer + autoregressive generator training")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -135,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--classes", default="", help="comma-separated class ids (default: the first up to 10)")
     s.add_argument("--per-class", type=int, default=8)
-    s.add_argument("--cfg-scale", type=float, default=1.5)
+    s.add_argument("--cfg-scale", type=float, default=cfg_scale)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--top-p", type=float, default=1.0)
@@ -153,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--live", action="store_true")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_reconstruct)
+
+    s = sub.add_parser("eval", help="metrics of a run: gen (FID, precision/recall, class accuracy) or recon (rFID, PSNR, SSIM)")
+    s.add_argument("what", choices=["gen", "recon"])
+    s.add_argument("run_dir")
+    s.add_argument("--num", type=int, default=1000, help="samples / held-out images (Inception: ~4 images/s on 2 CPU cores)")
+    s.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    s.add_argument("--feature", choices=["inception", "classifier"], default="inception",
+                   help="inception: the standard FID network; classifier: the Fashion-MNIST reference classifier (fast)")
+    s.add_argument("--batch-size", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--npz", default=None, help="also write the samples as an ADM-evaluator .npz (uint8 NHWC, arr_0)")
+    s.add_argument("--cache-dir", default=None, help="where reference statistics and the classifier are cached "
+                   "(default $GEAR_CACHE or ~/.cache/gear)")
+    s.add_argument("--live", action="store_true")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", default=None, help="write the metrics JSON here too")
+    s.set_defaults(func=cmd_eval)
     return p
 
 
@@ -162,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"gear {args.command}: error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"gear {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

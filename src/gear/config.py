@@ -83,7 +83,9 @@ class TrainConfig:
     stage: str = "joint"                         # tokenizer | joint | ar
     joint_mode: str = "gear"                     # gear | ste (NTP reaches the tokenizer straight-through)
     steps: int = 1000
-    batch_size: int = 32                         # global batch, split over processes
+    batch_size: int = 32                         # global batch, split over processes and accumulation steps
+    grad_accum_steps: int = 1                    # micro-batches per optimizer step (per process)
+    grad_checkpointing: bool = False             # recompute the AR blocks' activations in backward
     seed: int = 0
     ema_decay: float = 0.9999                    # one decay for tokenizer and AR (paired EMA)
     device: str = "auto"                         # auto | cpu | cuda
@@ -94,12 +96,12 @@ class TrainConfig:
     checkpoint_every: int = 500
     out_dir: str = "runs/default"
     progress: bool = True
-    cache_teacher_features: bool = False         # keep teacher features per (image, flip) in memory (CPU runs)
+    cache_teacher_features: bool = False         # keep teacher features per image in memory (data without augmentation)
 
 
 @dataclass
 class EvalConfig:
-    fid_every: int = 0                           # 0 = off; else a small FID on the classifier's features
+    fid_every: int = 0                           # 0 = off; else a small FID (Fashion-MNIST: classifier features; else Inception)
     fid_samples: int = 500
     cfg_scale: float = 1.5
     sample_classes: tuple[int, ...] = ()         # classes in the sample grids; () = the first up to 10
@@ -129,6 +131,7 @@ def validate(cfg: Config) -> None:
     _check(t.joint_mode in JOINT_MODES, "train.joint_mode", f"must be one of {JOINT_MODES}, got {t.joint_mode!r}")
     _check(t.steps >= 0, "train.steps", "must be >= 0")
     _check(t.batch_size > 0, "train.batch_size", "must be > 0")
+    _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
@@ -138,6 +141,19 @@ def validate(cfg: Config) -> None:
     _check(a.temperature > 0, "align.temperature", "must be > 0")
     _check(a.tap_layer >= 0, "align.tap_layer", "is 1-based (0 = n_layer // 3) and must be >= 0")
     _check(a.soft_top_k >= 0, "align.soft_top_k", "must be >= 0 (0 = full softmax)")
+    _check(a.lambda_tok >= 0 and a.lambda_ar >= 0, "align.lambda_tok/lambda_ar", "must be >= 0")
+    _check(not (t.stage == "joint" and a.lambda_tok > 0 and a.lambda_ar == 0), "align.lambda_ar",
+           "must be > 0 when lambda_tok > 0: the projector learns only in the AR update")
+    _check(not (t.cache_teacher_features and cfg.data.name == "imagefolder"), "train.cache_teacher_features",
+           "cannot be used with imagefolder data (random crops and flips change the teacher's features)")
+    e = cfg.eval
+    _check(e.samples_per_class >= 1 and e.fid_samples >= 2 and e.fid_every >= 0, "eval",
+           "needs samples_per_class >= 1, fid_samples >= 2, fid_every >= 0")
+    _check(all(c >= 0 for c in e.sample_classes), "eval.sample_classes", "must be class ids >= 0")
+    lo = cfg.loss
+    _check(min(lo.l1_weight, lo.perceptual_weight, lo.gan_weight, lo.gan_start) >= 0, "loss", "weights and gan_start must be >= 0")
+    _check(cfg.optim.grad_clip >= 0 and cfg.optim.disc_lr > 0 and cfg.optim.warmup_steps >= 0, "optim",
+           "needs grad_clip >= 0, disc_lr > 0, warmup_steps >= 0")
     _check(cfg.optim.lr > 0, "optim.lr", "must be > 0")
 
 
@@ -252,6 +268,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise bad
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -6,7 +6,8 @@ released LlamaGen class-to-image checkpoints, so their state dicts load with ``l
 
 Two additions for GEAR:
 - soft input: ``tokens`` may be a (B, T, vocab) assignment; its embedding is ``soft @ tok_embeddings.weight``,
-  so gradients reach whatever produced the assignment;
+  so gradients reach whatever produced the assignment. A ``SparseSoft`` (the k largest weights of each
+  assignment and their indices) embeds to the same vectors without a (B, T, vocab) tensor or a vocab-sized matmul;
 - a tap: the output of block ``tap_layer`` is returned for alignment, and ``stop_at_tap`` skips the rest.
 """
 
@@ -77,6 +78,26 @@ class GPTConfig:
     @property
     def ffn_hidden(self) -> int:
         return find_multiple(int(2 * 4 * self.dim / 3), self.multiple_of)
+
+
+@dataclass(frozen=True)
+class SparseSoft:
+    """A soft assignment that is zero outside k codes per position: ``weights`` on the codes ``indices``.
+
+    Equal as AR input to the dense (B, T, vocab) assignment that holds ``weights`` at ``indices`` and zeros
+    elsewhere. Indexing slices the (B, T) dims of both, so ``soft[:, :-1]`` works as for a dense tensor.
+    """
+
+    indices: Tensor  # (B, T, k) int64
+    weights: Tensor  # (B, T, k) float
+
+    def __getitem__(self, key) -> SparseSoft:
+        return SparseSoft(self.indices[key], self.weights[key])
+
+    def to_dense(self, vocab_size: int) -> Tensor:
+        """The (B, T, vocab_size) assignment; duplicate indices add up, as in the embedding."""
+        dense = self.weights.new_zeros(*self.indices.shape[:-1], vocab_size)
+        return dense.scatter_add(-1, self.indices, self.weights)
 
 
 @dataclass
@@ -234,11 +255,12 @@ class GPT(nn.Module, Pretrained):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, tokens: Tensor, labels: Tensor, *, tap_layer: int | None = None, stop_at_tap: bool = False
+        self, tokens: Tensor | SparseSoft, labels: Tensor, *, tap_layer: int | None = None, stop_at_tap: bool = False
     ) -> GPTOutput:
         """Teacher-forced pass over [class token] + tokens.
 
-        tokens: (B, T) int64 indices or (B, T, vocab) float soft assignments, 0 <= T <= L - 1.
+        tokens: (B, T) int64 indices, (B, T, vocab) float soft assignments, or a SparseSoft of (B, T, k)
+        indices and weights; 0 <= T <= L - 1.
         labels: (B,) int64 in [0, num_classes] (num_classes = null class; the range is not checked here,
         to keep the forward free of device syncs).
         """
@@ -256,10 +278,20 @@ class GPT(nn.Module, Pretrained):
         logits = self.output(self.norm(h)).float()
         return GPTOutput(logits=logits, hidden=hidden)
 
-    def embed_tokens(self, tokens: Tensor) -> Tensor:
-        """(B, T) indices -> table lookup; (B, T, vocab) soft assignment -> soft @ table (differentiable in soft)."""
+    def embed_tokens(self, tokens: Tensor | SparseSoft) -> Tensor:
+        """(B, T) indices -> table lookup; (B, T, vocab) soft assignment -> soft @ table; SparseSoft ->
+        sum_k weights[..., k] * table[indices[..., k]]. Soft inputs are differentiable in their weights."""
+        table = self.tok_embeddings.weight
+        if isinstance(tokens, SparseSoft):
+            B, T, k = tokens.indices.shape
+            # embedding_bag sums the weighted rows without materializing the (B, T, k, dim) gather
+            flat = F.embedding_bag(
+                tokens.indices.reshape(B * T, k), table,
+                per_sample_weights=tokens.weights.reshape(B * T, k).to(table.dtype), mode="sum",
+            )
+            return flat.view(B, T, -1)
         if tokens.dim() == 3:
-            return tokens @ self.tok_embeddings.weight
+            return tokens @ table
         return self.tok_embeddings(tokens)
 
     def forward_cached(self, x: Tensor, start: int, cache: KVCache) -> Tensor:
@@ -293,10 +325,21 @@ class GPT(nn.Module, Pretrained):
 
         return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
-    def _check_inputs(self, tokens: Tensor, labels: Tensor, tap_layer: int | None, stop_at_tap: bool) -> None:
+    def _check_inputs(
+        self, tokens: Tensor | SparseSoft, labels: Tensor, tap_layer: int | None, stop_at_tap: bool
+    ) -> None:
         cfg = self.config
         max_t = cfg.seq_len - 1
-        if tokens.dim() == 2:
+        if isinstance(tokens, SparseSoft):
+            idx, w = tokens.indices, tokens.weights
+            if idx.dim() != 3 or idx.dtype != torch.long or w.shape != idx.shape or not w.is_floating_point():
+                raise ValueError(
+                    f"SparseSoft needs int64 indices and float weights of the same shape (B, T<={max_t}, k), "
+                    f"got {tuple(idx.shape)} {idx.dtype} and {tuple(w.shape)} {w.dtype}"
+                )
+            if idx.shape[-1] < 1:
+                raise ValueError(f"SparseSoft needs k >= 1 codes per position, got shape {tuple(idx.shape)}")
+        elif tokens.dim() == 2:
             if tokens.dtype != torch.long:
                 raise ValueError(f"hard tokens must be int64 of shape (B, T<={max_t}), got dtype {tokens.dtype}")
         elif tokens.dim() == 3:
@@ -309,14 +352,16 @@ class GPT(nn.Module, Pretrained):
             raise ValueError(
                 f"tokens must be (B, T) int64 or (B, T, {cfg.vocab_size}) float with T <= {max_t}, got shape {tuple(tokens.shape)}"
             )
-        if tokens.shape[1] > max_t:
+        positions = tokens.indices.shape[1] if isinstance(tokens, SparseSoft) else tokens.shape[1]
+        batch = tokens.indices.shape[0] if isinstance(tokens, SparseSoft) else tokens.shape[0]
+        if positions > max_t:
             raise ValueError(
-                f"tokens hold {tokens.shape[1]} positions but at most L - 1 = {max_t} fit (B, T<={max_t}); "
+                f"tokens hold {positions} positions but at most L - 1 = {max_t} fit (B, T<={max_t}); "
                 "pass tokens[:, :-1] when teacher forcing"
             )
-        if labels.shape != (tokens.shape[0],) or labels.dtype != torch.long:
+        if labels.shape != (batch,) or labels.dtype != torch.long:
             raise ValueError(
-                f"labels must be int64 of shape (B,) = ({tokens.shape[0]},), got {tuple(labels.shape)} {labels.dtype}"
+                f"labels must be int64 of shape (B,) = ({batch},), got {tuple(labels.shape)} {labels.dtype}"
             )
         if tap_layer is not None and not 1 <= tap_layer <= cfg.n_layer:
             raise ValueError(f"tap_layer must be in [1, {cfg.n_layer}] (1-based block index), got {tap_layer}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from gear.config import Config
@@ -31,13 +32,36 @@ def model_dir(path: str | Path, kind: str, ema: bool = True) -> Path:
 def tokenizer_from_config(cfg: Config) -> Tokenizer:
     """The preset with its overrides; weights from ``model.tokenizer_init`` when given."""
     init = cfg.model.tokenizer_init
-    if init and Path(init).is_file():  # a LlamaGen-format .pt checkpoint for a preset of the same architecture
+    if init and Path(init).suffix in (".pt", ".pth"):  # a LlamaGen-format checkpoint for a preset of that architecture
+        if not Path(init).is_file():
+            raise FileNotFoundError(f"model.tokenizer_init={init}: no such checkpoint file")
         tok = build_tokenizer(cfg.model.tokenizer, **cfg.model.tokenizer_overrides)
-        tok.load_state_dict(load_llamagen_state_dict(init))
+        _load_strict(tok, load_llamagen_state_dict(init), init)
         return tok
     if init:
-        return Tokenizer.from_pretrained(model_dir(init, TOKENIZER_DIR, ema=cfg.model.init_from_ema))
+        saved = Tokenizer.from_pretrained(model_dir(init, TOKENIZER_DIR, ema=cfg.model.init_from_ema))
+        return _with_overrides(saved, cfg.model.tokenizer_overrides, "model.tokenizer_overrides")
     return build_tokenizer(cfg.model.tokenizer, **cfg.model.tokenizer_overrides)
+
+
+def _load_strict(model, state: dict, source) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{source} does not fit the chosen preset: {str(err).splitlines()[0]}") from None
+
+
+def _with_overrides(model, overrides: dict, key: str):
+    """A loaded model whose config takes ``overrides`` (e.g. a loss weight or dropout); shapes must not change."""
+    if not overrides:
+        return model
+    try:
+        config = dataclasses.replace(model.config, **overrides)
+    except TypeError as err:
+        raise ValueError(f"{key}: {err}") from None
+    rebuilt = type(model)(config)
+    _load_strict(rebuilt, model.state_dict(), f"{key}={overrides}")
+    return rebuilt
 
 
 def generator_from_config(cfg: Config, tokenizer: Tokenizer, num_classes: int) -> GPT:
@@ -50,6 +74,8 @@ def generator_from_config(cfg: Config, tokenizer: Tokenizer, num_classes: int) -
     derived = {"vocab_size": tokenizer.codebook_size, "grid_size": grid, "num_classes": num_classes}
     if cfg.model.generator_init:
         gen = GPT.from_pretrained(model_dir(cfg.model.generator_init, GENERATOR_DIR, ema=cfg.model.init_from_ema))
+        extra = {k: v for k, v in cfg.model.generator_overrides.items() if k not in derived}
+        gen = _with_overrides(gen, extra, "model.generator_overrides")
     else:
         overrides = dict(cfg.model.generator_overrides)
         for key, value in derived.items():

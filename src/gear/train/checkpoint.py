@@ -1,5 +1,7 @@
 """Training checkpoints: everything needed to continue exactly, written atomically.
 
+Random numbers need no state here: the trainer reseeds from (seed, step, rank) at every step.
+
 A checkpoint is one ``torch.save`` file of plain tensors and numbers (loaded with ``weights_only=True``,
 so loading never unpickles arbitrary objects). It is written to a temporary file in the same directory
 and renamed over the old one: a crash mid-write leaves the previous checkpoint intact.
@@ -20,19 +22,6 @@ FORMAT_VERSION = 1
 
 def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -107,7 +107,6 @@ def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
         "activations (estimate)": sum(activations.values()) / GiB,
     }
     memory["total (DDP)"] = sum(memory.values())
-    memory["total (FSDP, sharded)"] = optim_bytes / world / GiB + memory["frozen tokenizer"] + memory["activations (estimate)"]
     params = {k: _count(m) for k, m in modules.items() if m is not None}
     return DryRun(params, grid * grid, cfg.train.batch_size, world, memory)
 

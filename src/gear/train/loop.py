@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -23,10 +24,11 @@ from gear.losses.discriminator import PatchGANDiscriminator
 from gear.losses.perceptual import build_perceptual_loss
 from gear.train import checkpoint as ckpt
 from gear.train.batches import batch_stream
-from gear.train.build import GENERATOR_DIR, LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, tokenizer_from_config
+from gear.models.autoencoder import Tokenizer
+from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
 from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, setup_distributed
 from gear.train.ema import EMA
-from gear.train.steps import STEPS, Modules, StepConfig, Updater
+from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater
 
 
 @dataclass
@@ -59,7 +61,12 @@ class Trainer:
 
         self.dataset = build_dataset(cfg.data, "train", seed=cfg.train.seed)
         self.num_classes = len(self.dataset.classes)
-        self.holdout = build_dataset(cfg.data, "test") if cfg.data.name == "fashion-mnist" else self.dataset
+        self.holdout = build_dataset(dataclasses.replace(cfg.data, limit=0), "test")
+        checkpoint = ckpt.checkpoint_path(self.run_dir)
+        if not resume and checkpoint.is_file():
+            raise ValueError(f"{self.run_dir} already holds a run: continue it with --resume (or `gear resume`), "
+                             "or choose another train.out_dir")
+        self.resume = resume
         self.tap_layer = 0  # set when a generator is built
         self.m = self._build_modules()
         self.grid = cfg.data.image_size // self.m.tokenizer.downsample
@@ -71,13 +78,17 @@ class Trainer:
         self.teacher_cache: dict[int, Tensor] = {}
         self.usage_counts = torch.zeros(self.m.tokenizer.codebook_size, dtype=torch.long, device=self.device)
         if resume:
-            self._load(ckpt.load_checkpoint(ckpt.checkpoint_path(self.run_dir)))
+            self._load(ckpt.load_checkpoint(checkpoint))
 
     # ------------------------------------------------------------------ set-up
 
     def _build_modules(self) -> Modules:
         cfg, dev = self.cfg, self.device
-        tokenizer = tokenizer_from_config(cfg).to(dev)
+        if self.resume and self.stage == "ar":
+            # the frozen tokenizer this run started with, not whatever model.tokenizer_init holds today
+            tokenizer = Tokenizer.from_pretrained(model_dir(self.run_dir, TOKENIZER_DIR)).to(dev)
+        else:
+            tokenizer = tokenizer_from_config(cfg).to(dev)
         m = Modules(tokenizer=tokenizer)
         uses_ar = self.stage in ("joint", "ar")
         uses_align = (self.stage == "joint" and (cfg.align.lambda_tok > 0 or cfg.align.lambda_ar > 0)) or (
@@ -96,10 +107,18 @@ class Trainer:
                 ).to(dev)
             if cfg.loss.gan_weight > 0:
                 m.discriminator = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers).to(dev)
-                if self.env.distributed:
+                if self.env.distributed and dev.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU, per-process stats
                     m.discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(m.discriminator)
+                m.discriminator_loss = DiscriminatorHinge(m.discriminator)
         if self.stage == "ar":
             tokenizer.eval().requires_grad_(False)
+        if cfg.train.grad_checkpointing and m.generator is not None:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            from gear.models.gpt import Block
+
+            # wraps each block; the wrapper strips its own prefix from state dicts, so checkpoints stay plain
+            apply_activation_checkpointing(m.generator, check_fn=lambda mod: isinstance(mod, Block))
         if cfg.train.compile:  # in place: parameter names and state dicts stay those of the plain modules
             for mod in (m.tokenizer, m.generator, m.discriminator):
                 if mod is not None:
@@ -124,12 +143,16 @@ class Trainer:
             "discriminator": ["discriminator"],
         }
         opts = {}
+        micro = self.cfg.train.batch_size // self.env.world_size
+        if self.cfg.train.batch_size % self.env.world_size or micro % self.cfg.train.grad_accum_steps:
+            raise ValueError(f"train.batch_size={self.cfg.train.batch_size} must split evenly over {self.env.world_size} "
+                             f"processes x train.grad_accum_steps={self.cfg.train.grad_accum_steps}")
         for name, members in groups.items():
             params = [p for key in members if key in self.trained for p in self.trained[key].parameters()]
             if params:
                 lr = o.disc_lr if name == "discriminator" else o.lr
                 optim = torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
-                opts[name] = Updater(optim, params, o.grad_clip)
+                opts[name] = Updater(optim, params, o.grad_clip, accumulate=self.cfg.train.grad_accum_steps)
         return opts
 
     def _wrap_for_processes(self) -> Modules:
@@ -144,20 +167,15 @@ class Trainer:
             teacher=m.teacher,
             generator=wrap(m.generator) if m.generator is not None else None,
             projector=wrap(m.projector) if m.projector is not None else None,
-            discriminator=wrap(m.discriminator) if m.discriminator is not None else None,
+            discriminator=m.discriminator,  # only used frozen (the GAN term of the tokenizer loss)
+            discriminator_loss=wrap(m.discriminator_loss) if m.discriminator_loss is not None else None,
             perceptual=m.perceptual,
         )
 
     def step_config(self) -> StepConfig:
-        c = self.cfg
-        return StepConfig(
-            temperature=c.align.temperature, soft_top_k=c.align.soft_top_k, lambda_tok=c.align.lambda_tok,
-            lambda_ar=c.align.lambda_ar, tap_layer=self.tap_layer, grid=self.grid, l1_weight=c.loss.l1_weight,
-            perceptual_weight=c.loss.perceptual_weight, gan_weight=c.loss.gan_weight,
-            gan_active=self.step >= c.loss.gan_start,
-            class_dropout=self.m.generator.config.class_dropout if self.m.generator is not None else 0.0,
-            straight_through=c.train.joint_mode == "ste",
-        )
+        gen = self.m.generator
+        return StepConfig.from_config(self.cfg, tap_layer=self.tap_layer, gan_active=self.step >= self.cfg.loss.gan_start,
+                                      class_dropout=gen.config.class_dropout if gen is not None else 0.0)
 
     # ------------------------------------------------------------------ the loop
 
@@ -176,37 +194,66 @@ class Trainer:
         window: dict[str, list[Tensor]] = {}
         for module in self.trained.values():
             module.train()
+        accum = t.grad_accum_steps
+        first_step = self.step
         while self.step < t.steps:
             batch = next(stream)
-            images = batch.image.to(self.device, non_blocking=True)
-            labels = batch.label.to(self.device, non_blocking=True)
-            with self._autocast():
-                target = self._teacher_features(images, batch.index)
-                result = step_fn(self.wrapped, self.opts, self.step_config(), images, labels, target)
+            # Dropout randomness from (seed, step, rank) alone: resume is exact and ranks draw different masks.
+            torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + self.env.rank)
+            self._set_learning_rates()
+            step_cfg = self.step_config()
+            batch_counts = torch.zeros_like(self.usage_counts)
+            micro_batches = zip(*(x.chunk(accum) for x in (batch.image, batch.label, batch.index)))
+            for micro, (images, labels, index) in enumerate(micro_batches):
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                with self._no_sync(last=micro == accum - 1), self._autocast():
+                    target = self._teacher_features(images, index)
+                    result = step_fn(self.wrapped, self.opts, step_cfg, images, labels, target)
+                batch_counts += torch.bincount(result.indices.flatten(), minlength=batch_counts.numel())
+                for k, v in result.metrics.items():
+                    window.setdefault(k, []).append(v.float())
             self.step += 1
+            self.usage_counts += batch_counts
             for name, ema in self.emas.items():
                 ema.update(self.trained[name])
-            self.usage_counts += torch.bincount(result.indices.flatten(), minlength=self.usage_counts.numel())
-            for k, v in result.metrics.items():
-                window.setdefault(k, []).append(v.float())
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                last_metrics = self._log(writer, window, result.indices)
+                last_metrics = self._log(writer, window, batch_counts)
                 window = {}
                 bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in last_metrics.items() if k.endswith("loss")})
+            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                self.save()  # first: a failing sample grid must not cost the checkpoint
             if self.step % t.sample_every == 0 or self.step == t.steps:
                 self.write_grids()
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save()
+            if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0 and self.m.generator is not None:
+                self.small_fid(writer)
         bar.close()
         if writer is not None:
             writer.close()
         summary = RunSummary(self.run_dir, self.step, last_metrics, last_metrics.get("codebook/usage_window", float("nan")),
                              time.time() - start)
-        if self.env.is_main:
+        if self.env.is_main and self.step > first_step:
             (self.run_dir / "summary.json").write_text(json.dumps(
                 {"stage": self.stage, "step": summary.step, "seconds": round(summary.seconds, 1), **summary.metrics}, indent=2))
         return summary
+
+    def _set_learning_rates(self) -> None:
+        """Linear warm-up over optim.warmup_steps, then constant (a function of the step: nothing to checkpoint)."""
+        o = self.cfg.optim
+        scale = min(1.0, (self.step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+        for name, updater in self.opts.items():
+            for group in updater.optimizer.param_groups:
+                group["lr"] = (o.disc_lr if name == "discriminator" else o.lr) * scale
+
+    def _no_sync(self, last: bool):
+        """Skip DDP's gradient all-reduce on every micro-batch but the last of an optimizer step."""
+        stack = contextlib.ExitStack()
+        if not last:
+            for mod in vars(self.wrapped).values():
+                if isinstance(mod, DDP):
+                    stack.enter_context(mod.no_sync())
+        return stack
 
     def _autocast(self):
         p = self.cfg.train.precision
@@ -237,9 +284,8 @@ class Trainer:
 
         return SummaryWriter(str(self.run_dir / "tb"))
 
-    def _log(self, writer, window: dict[str, list[Tensor]], indices: Tensor) -> dict[str, float]:
-        K = self.usage_counts.numel()
-        batch_counts = all_reduce_sum(torch.bincount(indices.flatten(), minlength=K))
+    def _log(self, writer, window: dict[str, list[Tensor]], batch_counts: Tensor) -> dict[str, float]:
+        batch_counts = all_reduce_sum(batch_counts.clone())
         window_counts = all_reduce_sum(self.usage_counts.clone())
         self.usage_counts.zero_()
         metrics = {k: all_reduce_mean(torch.stack(v).mean()).item() for k, v in window.items()}
@@ -273,6 +319,28 @@ class Trainer:
         samples = tok.decode(indices)
         save_image_grid(samples.float().cpu(), self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=e.samples_per_class)
 
+    @torch.no_grad()
+    def small_fid(self, writer) -> dict[str, float]:
+        """FID of eval.fid_samples EMA samples: on the reference classifier's features for Fashion-MNIST (cheap),
+        on Inception features otherwise. Logged as eval/*."""
+        if not self.env.is_main:
+            return {}
+        from gear.eval import runs
+
+        e, data = self.cfg.eval, self.cfg.data
+        classifier = runs.reference_classifier(data, device=str(self.device)) if data.name == "fashion-mnist" else None
+        tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
+        gen = self.emas["generator"].module
+        metrics = runs.generation_metrics(tok, gen, data, num=e.fid_samples, cfg_scale=e.cfg_scale,
+                                          feature="classifier" if classifier is not None else "inception",
+                                          classifier=classifier, batch_size=100)
+        logged = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        for k, v in logged.items():
+            writer.add_scalar(k, v, self.step)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **logged}) + "\n")
+        return logged
+
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
@@ -284,7 +352,6 @@ class Trainer:
                 "modules": {k: v.state_dict() for k, v in self.trained.items()},
                 "optimizers": {k: u.optimizer.state_dict() for k, u in self.opts.items()},
                 "emas": {k: e.state_dict() for k, e in self.emas.items()},
-                "rng": ckpt.rng_state(),
             }
             ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir), payload)
             self._export_models()
@@ -301,11 +368,18 @@ class Trainer:
     def _load(self, payload: dict) -> None:
         if payload.get("stage") != self.stage:
             raise ValueError(f"the checkpoint is of stage {payload.get('stage')!r}, this config trains {self.stage!r}")
-        for k, mod in self.trained.items():
-            mod.load_state_dict(payload["modules"][k])
-        for k, u in self.opts.items():
-            u.optimizer.load_state_dict(payload["optimizers"][k])
-        for k, e in self.emas.items():
-            e.load_state_dict(payload["emas"][k])
-        ckpt.set_rng_state(payload["rng"])
+        if set(payload["modules"]) != set(self.trained):
+            raise ValueError(f"the checkpoint trains {sorted(payload['modules'])} but this config trains "
+                             f"{sorted(self.trained)}: resume with the run's own config.yaml")
+        try:
+            for k, mod in self.trained.items():
+                mod.load_state_dict(payload["modules"][k])
+            for k, u in self.opts.items():
+                u.optimizer.load_state_dict(payload["optimizers"][k])
+            for k, e in self.emas.items():
+                e.load_state_dict(payload["emas"][k])
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()[0]
+            raise ValueError(f"the checkpoint does not match this config ({first}); resume with the run's own "
+                             "config.yaml") from None
         self.step = int(payload["step"])

@@ -4,7 +4,8 @@
     theta_AR  <- theta_AR  - eta * grad( L_NTP + lambda_AR  * L_align(hard) )
 
 Each ``update_*`` function computes one loss and steps one optimizer; ``gear_step`` composes them in the
-paper's order. Nothing here knows about logging, checkpoints or processes.
+paper's order. Nothing here knows about logging or checkpoints; under DDP, modules used frozen are
+unwrapped (``unwrap``) so that only the update that trains a module goes through its wrapper.
 """
 
 from __future__ import annotations
@@ -18,24 +19,36 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gear.align.repa import repa_loss
+from gear.config import Config
 from gear.losses.discriminator import hinge_d_loss, hinge_g_loss
 from gear.models.autoencoder import TokenizerOutput
-from gear.models.gpt import drop_labels
+from gear.models.gpt import SparseSoft, drop_labels
 from gear.models.quantizers import soft_assignment
 
 
 @dataclass
 class Updater:
-    """An optimizer with its parameters and clip norm: ``step(loss)`` = zero, backward, clip, step."""
+    """An optimizer with its parameters and clip norm: ``step(loss)`` = zero, backward, clip, step.
+
+    With ``accumulate = n`` the first n - 1 calls only add ``grad(loss) / n``; the n-th also clips and steps.
+    """
 
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter]
     grad_clip: float
+    accumulate: int = 1
+    _calls: int = field(default=0, init=False, repr=False)
 
-    def step(self, loss: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
+    def step(self, loss: Tensor) -> Tensor | None:
+        """Returns the gradient norm before clipping when the optimizer stepped, else None."""
+        if self._calls == 0:
+            self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(loss.device.type, enabled=False):  # backward runs outside the forward's autocast
-            loss.backward()
+            (loss / self.accumulate if self.accumulate > 1 else loss).backward()
+        self._calls += 1
+        if self._calls < self.accumulate:
+            return None
+        self._calls = 0
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         return norm
@@ -50,25 +63,33 @@ class Modules:
     generator: nn.Module | None = None
     projector: nn.Module | None = None
     discriminator: nn.Module | None = None
+    discriminator_loss: nn.Module | None = None   # DiscriminatorHinge(discriminator), DDP-wrapped when distributed
     perceptual: nn.Module | None = None
 
 
 @dataclass
 class StepConfig:
-    """The few numbers a step needs, read from the run config once."""
+    """The numbers a step needs; built from the run config by ``from_config`` (the config holds the defaults)."""
 
-    temperature: float = 0.1
-    soft_top_k: int = 0
-    lambda_tok: float = 0.5
-    lambda_ar: float = 0.5
-    tap_layer: int = 2
-    grid: int = 8
-    l1_weight: float = 1.0
-    perceptual_weight: float = 1.0
-    gan_weight: float = 0.1
-    gan_active: bool = True
-    class_dropout: float = 0.1
-    straight_through: bool = False           # joint_mode == "ste": NTP reaches the tokenizer
+    temperature: float
+    soft_top_k: int
+    lambda_tok: float
+    lambda_ar: float
+    tap_layer: int
+    l1_weight: float
+    perceptual_weight: float
+    gan_weight: float
+    gan_active: bool
+    class_dropout: float
+    straight_through: bool                   # joint_mode == "ste": NTP reaches the tokenizer
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, tap_layer: int, class_dropout: float, gan_active: bool = True) -> StepConfig:
+        a, loss = cfg.align, cfg.loss
+        return cls(temperature=a.temperature, soft_top_k=a.soft_top_k, lambda_tok=a.lambda_tok, lambda_ar=a.lambda_ar,
+                   tap_layer=tap_layer, l1_weight=loss.l1_weight, perceptual_weight=loss.perceptual_weight,
+                   gan_weight=loss.gan_weight, gan_active=gan_active, class_dropout=class_dropout,
+                   straight_through=cfg.train.joint_mode == "ste")
 
 
 @dataclass
@@ -102,15 +123,23 @@ def frozen(*modules: nn.Module | None, eval_mode: bool = True) -> Iterator[None]
                 p.requires_grad_(flag)
 
 
-def soft_tokens(d: Tensor, temperature: float, top_k: int, batch: int) -> Tensor:
-    """softmax(-d / T) as (B, L, K); with top_k > 0 only the k nearest codes keep mass (renormalized)."""
-    if top_k and top_k < d.shape[-1]:
-        neg, idx = torch.topk(-d, top_k, dim=-1)
-        probs = torch.softmax(neg / temperature, dim=-1)
-        soft = torch.zeros_like(d).scatter(-1, idx, probs)
-    else:
-        soft = soft_assignment(d, temperature)
-    return soft.view(batch, -1, d.shape[-1])
+def soft_tokens(d: Tensor, temperature: float, top_k: int, batch: int, sparse: bool = False) -> Tensor | SparseSoft:
+    """softmax(-d / T) of d (B*L, K) as (B, L, K); with 0 < top_k < K only the k nearest codes keep mass
+    (renormalized over them), returned as a (B, L, k) ``SparseSoft`` when ``sparse``, else scattered to (B, L, K).
+
+    The sparse form is what makes top-k cheap: its softmax runs over k codes, and the AR embeds it with a
+    k-row lookup per token instead of a (B*L, K) x (K, dim) matmul. d's gradient is then nonzero on k codes only.
+    """
+    K = d.shape[-1]
+    if not top_k or top_k >= K:
+        return soft_assignment(d, temperature).view(batch, -1, K)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    nearest, idx = torch.topk(d, top_k, dim=-1, largest=False, sorted=False)  # no negated (B*L, K) copy of d
+    probs = torch.softmax(nearest.float() / -temperature, dim=-1)
+    if sparse:
+        return SparseSoft(idx.view(batch, -1, top_k), probs.view(batch, -1, top_k))
+    return torch.zeros_like(d, dtype=probs.dtype).scatter(-1, idx, probs).view(batch, -1, K)
 
 
 def reconstruction_loss(m: Modules, cfg: StepConfig, images: Tensor, out: TokenizerOutput) -> dict[str, Tensor]:
@@ -137,7 +166,7 @@ def tokenizer_terms(m: Modules, cfg: StepConfig, images, labels, target, out: To
     if m.generator is None or not (cfg.lambda_tok > 0 or cfg.straight_through):
         return terms
     B = images.shape[0]
-    soft = soft_tokens(out.quant.d, cfg.temperature, cfg.soft_top_k, B)
+    soft = soft_tokens(out.quant.d, cfg.temperature, cfg.soft_top_k, B, sparse=not cfg.straight_through)
     generator, projector = unwrap(m.generator), unwrap(m.projector)
     with frozen(generator, projector):
         if cfg.straight_through:  # the collapsing baseline: forward one-hot, backward soft, NTP included
@@ -165,18 +194,31 @@ def generator_terms(m: Modules, cfg: StepConfig, indices: Tensor, labels, target
 
 def update_tokenizer(m: Modules, opt: Updater, cfg: StepConfig, images, labels, target, out) -> dict[str, Tensor]:
     """theta_tok <- theta_tok - eta * grad(L_VQ + lambda_tok * L_align(soft))."""
-    terms = tokenizer_terms(m, cfg, images, labels, target, out)
-    loss = sum(terms.values())
+    # Frozen through the backward as well: with activation checkpointing the AR blocks are re-run there.
+    with frozen(unwrap(m.generator), unwrap(m.projector)):
+        terms = tokenizer_terms(m, cfg, images, labels, target, out)
+        loss = sum(terms.values())
+        norm = opt.step(loss)
     metrics = {f"tok/{k}": v.detach() for k, v in terms.items()}
     metrics["tok/loss"] = loss.detach()
-    metrics["grad_norm/tokenizer"] = opt.step(loss)
-    return metrics
+    return _with_norm(metrics, "grad_norm/tokenizer", norm)
+
+
+class DiscriminatorHinge(nn.Module):
+    """Real and fake images through the discriminator in ONE module call (DDP allows one forward per backward)."""
+
+    def __init__(self, discriminator: nn.Module):
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, real: Tensor, fake: Tensor) -> Tensor:
+        return hinge_d_loss(self.discriminator(real), self.discriminator(fake))
 
 
 def update_discriminator(m: Modules, opt: Updater, images: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
     """Hinge loss on real images vs the detached reconstruction."""
-    loss = hinge_d_loss(m.discriminator(images), m.discriminator(reconstruction.detach()))
-    return {"disc/loss": loss.detach(), "grad_norm/discriminator": opt.step(loss)}
+    loss = m.discriminator_loss(images, reconstruction.detach())
+    return _with_norm({"disc/loss": loss.detach()}, "grad_norm/discriminator", opt.step(loss))
 
 
 def update_generator(m: Modules, opt: Updater, cfg: StepConfig, indices: Tensor, labels, target) -> dict[str, Tensor]:
@@ -187,7 +229,12 @@ def update_generator(m: Modules, opt: Updater, cfg: StepConfig, indices: Tensor,
     if "align_ar" in terms:
         metrics["ar/align_cos"] = -terms["align_ar"].detach() / cfg.lambda_ar
     metrics["ar/loss"] = loss.detach()
-    metrics["grad_norm/generator"] = opt.step(loss)
+    return _with_norm(metrics, "grad_norm/generator", opt.step(loss))
+
+
+def _with_norm(metrics: dict[str, Tensor], key: str, norm: Tensor | None) -> dict[str, Tensor]:
+    if norm is not None:
+        metrics[key] = norm
     return metrics
 
 
@@ -196,15 +243,6 @@ def next_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- the three stages
-
-
-def teacher_target(m: Modules, images: Tensor, grid: int, cached: Tensor | None = None) -> Tensor | None:
-    if cached is not None:
-        return cached
-    if m.teacher is None:
-        return None
-    with torch.no_grad():
-        return m.teacher(images, grid)
 
 
 def tokenizer_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target=None) -> StepResult:
