@@ -74,6 +74,7 @@ class OptimConfig:
     disc_lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
+    eps: float = 1e-8                            # AdamW epsilon
     grad_clip: float = 1.0
     warmup_steps: int = 0                        # linear warm-up, then constant
 

@@ -151,7 +151,7 @@ class Trainer:
             params = [p for key in members if key in self.trained for p in self.trained[key].parameters()]
             if params:
                 lr = o.disc_lr if name == "discriminator" else o.lr
-                optim = torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
+                optim = torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
                 opts[name] = Updater(optim, params, o.grad_clip, accumulate=self.cfg.train.grad_accum_steps)
         return opts
 
