@@ -319,7 +319,6 @@ class Trainer:
         samples = tok.decode(indices)
         save_image_grid(samples.float().cpu(), self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=e.samples_per_class)
 
-    @torch.no_grad()
     def small_fid(self, writer) -> dict[str, float]:
         """FID of eval.fid_samples EMA samples: on the reference classifier's features for Fashion-MNIST (cheap),
         on Inception features otherwise. Logged as eval/*."""
