@@ -40,5 +40,13 @@ demo: venv data
 	$(GEAR) sample $(DEMO)/ar --per-class 8 --out $(DEMO)/samples.png
 	$(PY) -m gear.demo_summary $(DEMO)
 
+# benchmarks: ratios measured in one run, never timed tests
+reproduce: venv data
+	$(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/reproduce.py
+
+step-cost: venv data
+	$(PY) benchmarks/step_cost.py --threads 1
+
 clean-demo:
 	rm -rf $(DEMO)
