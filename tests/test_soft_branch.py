@@ -13,7 +13,8 @@ from gear.config import load_config
 from gear.models.autoencoder import build_tokenizer
 from gear.models.gpt import GPT, GPTConfig, SparseSoft, build_generator
 from gear.models.quantizers import soft_assignment
-from gear.train.steps import Modules, StepConfig, frozen, soft_tokens, tokenizer_terms
+from gear.train.steps import Modules, frozen, soft_tokens, tokenizer_terms
+from helpers import FixedTeacher, step_cfg
 
 GRID = 8
 
@@ -128,17 +129,6 @@ def test_top_k_equals_the_full_assignment_at_k_equal_K_and_renormalizes_below():
                                soft_assignment(far, 0.1).view(2, 6, 40))
 
 
-class FixedTeacher(torch.nn.Module):
-    feature_dim = 24
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(3, self.feature_dim, 4, stride=4).requires_grad_(False)
-
-    def forward(self, images, grid):
-        return self.proj(images).flatten(2).transpose(1, 2)
-
-
 @pytest.fixture(scope="module")
 def modules() -> Modules:
     torch.manual_seed(0)
@@ -149,12 +139,6 @@ def modules() -> Modules:
     teacher = FixedTeacher()
     return Modules(tokenizer=tok, generator=gen, projector=Projector(gen.config.dim, teacher.feature_dim, 64),
                    teacher=teacher)
-
-
-def step_cfg(**changes) -> StepConfig:
-    """The config defaults (T = 0.1), tap 2, no perceptual or GAN term, with ``changes``."""
-    base = StepConfig.from_config(load_config(None), tap_layer=2, class_dropout=0.1)
-    return dataclasses.replace(base, perceptual_weight=0.0, gan_weight=0.0, **changes)
 
 
 def batch():

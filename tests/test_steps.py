@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from helpers import FixedTeacher, step_cfg
 
 from gear.align.repa import Projector
 from gear.models.autoencoder import build_tokenizer
 from gear.models.gpt import build_generator
-import dataclasses
-
-from gear.config import load_config
-from gear.train.steps import (Modules, StepConfig, Updater, gear_step, generator_terms, tokenizer_terms,
-                              update_tokenizer)
+from gear.train.steps import Modules, Updater, gear_step, generator_terms, tokenizer_terms, update_tokenizer
 
 GRID = 8
-
-
-def step_cfg(**changes) -> StepConfig:
-    """The default config's step settings (no perceptual loss, no GAN: the routing of the other terms is tested)."""
-    base = StepConfig.from_config(load_config(None), tap_layer=2, class_dropout=0.1)
-    return dataclasses.replace(base, **{"perceptual_weight": 0.0, "gan_weight": 0.0, **changes})
-
-
-class FixedTeacher(torch.nn.Module):
-    """A frozen random patch embedding: enough to give the alignment loss a target of the right shape."""
-
-    feature_dim = 24
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Conv2d(3, self.feature_dim, 4, stride=4).requires_grad_(False)
-
-    def forward(self, images, grid):
-        return self.proj(images).flatten(2).transpose(1, 2)
 
 
 @pytest.fixture()
