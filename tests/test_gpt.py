@@ -10,13 +10,6 @@ import torch.nn.functional as F
 from gear.models.gpt import GPT, GPT_PRESETS, GPTConfig, build_generator, drop_labels, rope_table
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops on a shared 2-core machine run faster on one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_config(**overrides) -> GPTConfig:

@@ -19,13 +19,6 @@ from gear.models.quantizers import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The test machine's 2 cores are shared: more than one intra-op thread can be 100x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 FAMILIES = {

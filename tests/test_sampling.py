@@ -8,12 +8,6 @@ from gear.models.gpt import GPT, GPTConfig
 from gear.models.sampling import KVCache, sample_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(seed: int = 0) -> GPT:

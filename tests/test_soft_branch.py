@@ -19,12 +19,6 @@ from helpers import FixedTeacher, step_cfg
 GRID = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_gpt(vocab: int = 64) -> GPT:
