@@ -6,8 +6,13 @@ import dataclasses
 
 import torch
 
+from gear.align.repa import Projector
 from gear.config import load_config
-from gear.train.steps import StepConfig
+from gear.models.autoencoder import build_tokenizer
+from gear.models.gpt import build_generator
+from gear.train.steps import Modules, StepConfig
+
+GRID = 8
 
 
 class FixedTeacher(torch.nn.Module):
@@ -27,3 +32,20 @@ def step_cfg(**changes) -> StepConfig:
     """The default config's step settings (no perceptual loss, no GAN: the routing of the other terms is tested)."""
     base = StepConfig.from_config(load_config(None), tap_layer=2, class_dropout=0.1)
     return dataclasses.replace(base, **{"perceptual_weight": 0.0, "gan_weight": 0.0, **changes})
+
+
+def tiny_modules() -> Modules:
+    """vq-tiny + gpt-tiny (randomized so that logits carry gradient) + a projector onto FixedTeacher."""
+    torch.manual_seed(0)
+    tok = build_tokenizer("vq-tiny")
+    gen = build_generator("gpt-tiny", vocab_size=tok.codebook_size, grid_size=GRID, num_classes=10)
+    for p in gen.parameters():  # the output layer starts at zero
+        torch.nn.init.normal_(p, std=0.05)
+    teacher = FixedTeacher()
+    return Modules(tokenizer=tok, generator=gen, projector=Projector(gen.config.dim, teacher.feature_dim, 64),
+                   teacher=teacher)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gear.align.repa import Projector, repa_loss
-from gear.config import load_config
-from gear.models.autoencoder import build_tokenizer
-from gear.models.gpt import GPT, GPTConfig, SparseSoft, build_generator
+from gear.align.repa import repa_loss
+from gear.models.gpt import GPT, GPTConfig, SparseSoft
 from gear.models.quantizers import soft_assignment
 from gear.train.steps import Modules, frozen, soft_tokens, tokenizer_terms
-from helpers import FixedTeacher, step_cfg
+from helpers import batch, step_cfg, tiny_modules
 
 GRID = 8
 
@@ -125,19 +121,7 @@ def test_top_k_equals_the_full_assignment_at_k_equal_K_and_renormalizes_below():
 
 @pytest.fixture(scope="module")
 def modules() -> Modules:
-    torch.manual_seed(0)
-    tok = build_tokenizer("vq-tiny")
-    gen = build_generator("gpt-tiny", vocab_size=tok.codebook_size, grid_size=GRID, num_classes=10)
-    for p in gen.parameters():  # the output layer starts at zero; randomize so logits carry gradient
-        torch.nn.init.normal_(p, std=0.05)
-    teacher = FixedTeacher()
-    return Modules(tokenizer=tok, generator=gen, projector=Projector(gen.config.dim, teacher.feature_dim, 64),
-                   teacher=teacher)
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)
+    return tiny_modules()
 
 
 def tokenizer_params(m: Modules) -> list[torch.nn.Parameter]:

@@ -6,31 +6,17 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import FixedTeacher, step_cfg
+from helpers import batch, step_cfg, tiny_modules
 
-from gear.align.repa import Projector
-from gear.models.autoencoder import build_tokenizer
 from gear.models.gpt import build_generator
-from gear.train.steps import Modules, Updater, gear_step, generator_terms, tokenizer_terms, update_tokenizer
+from gear.train.steps import Updater, gear_step, generator_terms, tokenizer_terms, update_tokenizer
 
 GRID = 8
 
 
 @pytest.fixture()
 def modules():
-    torch.manual_seed(0)
-    tok = build_tokenizer("vq-tiny")
-    gen = build_generator("gpt-tiny", vocab_size=tok.codebook_size, grid_size=GRID, num_classes=10)
-    for p in gen.parameters():  # the output layer starts at zero; randomize so logits carry gradient
-        torch.nn.init.normal_(p, std=0.05)
-    teacher = FixedTeacher()
-    return Modules(tokenizer=tok, generator=gen, projector=Projector(gen.config.dim, teacher.feature_dim, 64),
-                   teacher=teacher)
-
-
-def batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)
+    return tiny_modules()
 
 
 def grads(loss, params):
