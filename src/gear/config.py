@@ -94,6 +94,7 @@ class TrainConfig:
     device: str = "auto"                         # auto | cpu | cuda
     precision: str = "auto"                      # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    parallel: str = "ddp"                        # ddp | fsdp: how several processes split the AR (generator + projector)
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 500
@@ -138,6 +139,9 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     _check(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     _check(t.precision in ("auto", "fp32", "bf16"), "train.precision", "must be auto, fp32 or bf16")
+    _check(t.parallel in ("ddp", "fsdp"), "train.parallel", f"must be ddp or fsdp, got {t.parallel!r}")
+    _check(not (t.parallel == "fsdp" and t.compile), "train.compile",
+           "is not supported with train.parallel=fsdp yet: use train.parallel=ddp, or train.compile=false")
     for key in ("log_every", "sample_every", "checkpoint_every"):
         _check(getattr(t, key) > 0, f"train.{key}", "must be > 0")
     a = cfg.align

@@ -98,15 +98,21 @@ def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
             activations["generator"] = _activation_bytes(modules["generator"], tokens, labels, bytes_per_value=act)
 
     trained = {k: _count(m) for k, m in modules.items() if m is not None and not (k == "tokenizer" and stage == "ar")}
+    fsdp = cfg.train.parallel == "fsdp" and world > 1
+    # FSDP keeps 1/world of the generator's and projector's state on each GPU (see gear.train.sharding)
+    share = {k: (1 / world if fsdp and k in ("generator", "projector") else 1.0) for k in trained}
     # fp32 weights + grads + two AdamW moments, plus an fp32 EMA copy of tokenizer and generator
-    optim_bytes = sum(16 * n for n in trained.values()) + 4 * (trained.get("tokenizer", 0) + trained.get("generator", 0))
+    optim_bytes = sum(16 * n * share[k] for k, n in trained.items())
+    optim_bytes += 4 * sum(trained.get(k, 0) * share.get(k, 1.0) for k in ("tokenizer", "generator"))
     frozen_bytes = 4 * _count(tok) if stage == "ar" else 0
     memory = {
         "weights+grads+AdamW+EMA": optim_bytes / GiB,
         "frozen tokenizer": frozen_bytes / GiB,
         "activations (estimate)": sum(activations.values()) / GiB,
     }
-    memory["total (DDP)"] = sum(memory.values())
+    if fsdp:  # rank 0 gathers the EMA generator into a plain copy for sample grids and exports
+        memory["sampling copy (rank 0)"] = 4 * trained.get("generator", 0) / GiB
+    memory[f"total ({'FSDP' if fsdp else 'DDP'})"] = sum(memory.values())
     params = {k: _count(m) for k, m in modules.items() if m is not None}
     return DryRun(params, grid * grid, cfg.train.batch_size, world, memory)
 

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from gear.train.sharding import load_module_state
+
 
 class EMA:
     """A frozen copy of ``model`` that tracks ``decay * ema + (1 - decay) * live`` after each update."""
@@ -28,4 +30,4 @@ class EMA:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.module.load_state_dict(state)
+        load_module_state(self.module, state)  # full tensors, sharded first when the module is (FSDP)

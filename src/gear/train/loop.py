@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -23,6 +24,7 @@ from gear.data.transforms import save_image_grid
 from gear.losses.discriminator import PatchGANDiscriminator
 from gear.losses.perceptual import build_perceptual_loss
 from gear.train import checkpoint as ckpt
+from gear.train import sharding
 from gear.train.batches import batch_stream
 from gear.models.autoencoder import Tokenizer
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
@@ -71,8 +73,11 @@ class Trainer:
         self.m = self._build_modules()
         self.grid = cfg.data.image_size // self.m.tokenizer.downsample
         self.trained = self._trained_modules()
-        self.opts = self._build_optimizers()
         self.emas = {name: EMA(mod, cfg.train.ema_decay) for name, mod in self.trained.items() if name in ("tokenizer", "generator")}
+        self.sampling_generator: nn.Module | None = None  # under FSDP: rank 0's plain copy for grids and exports
+        if cfg.train.parallel == "fsdp" and self.env.distributed:
+            self._shard_generator()
+        self.opts = self._build_optimizers()  # after sharding: FSDP replaces the parameters by DTensors
         self.wrapped = self._wrap_for_processes()
         self.step = 0
         self.teacher_cache: dict[int, Tensor] = {}
@@ -155,12 +160,27 @@ class Trainer:
                 opts[name] = Updater(optim, params, o.grad_clip, accumulate=self.cfg.train.grad_accum_steps)
         return opts
 
+    def _shard_generator(self) -> None:
+        """train.parallel=fsdp: the generator, its EMA and the projector are sharded alike over all processes."""
+        gen = self.m.generator
+        if gen is None:
+            return
+        if self.env.is_main:
+            self.sampling_generator = copy.deepcopy(self.emas["generator"].module)
+        for mod in (gen, self.emas["generator"].module):
+            sharding.shard(mod, mod.layers)
+        if self.m.projector is not None:
+            sharding.shard(self.m.projector)
+
     def _wrap_for_processes(self) -> Modules:
-        """The modules the step functions call: DDP-wrapped where they are trained by several processes."""
+        """The modules the step functions call: DDP-wrapped where several processes train them (unless sharded)."""
         if not self.env.distributed:
             return self.m
         ids = [self.device.index] if self.device.type == "cuda" else None
-        wrap = lambda mod: DDP(mod, device_ids=ids, broadcast_buffers=False)  # noqa: E731
+
+        def wrap(mod: nn.Module) -> nn.Module:
+            return mod if sharding.is_sharded(mod) else DDP(mod, device_ids=ids, broadcast_buffers=False)
+
         m = self.m
         return Modules(
             tokenizer=wrap(m.tokenizer) if "tokenizer" in self.trained else m.tokenizer,
@@ -247,12 +267,14 @@ class Trainer:
                 group["lr"] = (o.disc_lr if name == "discriminator" else o.lr) * scale
 
     def _no_sync(self, last: bool):
-        """Skip DDP's gradient all-reduce on every micro-batch but the last of an optimizer step."""
+        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on every micro-batch but the last of a step."""
         stack = contextlib.ExitStack()
         if not last:
             for mod in vars(self.wrapped).values():
                 if isinstance(mod, DDP):
                     stack.enter_context(mod.no_sync())
+                elif sharding.is_sharded(mod):
+                    stack.enter_context(sharding.no_gradient_sync(mod))
         return stack
 
     def _autocast(self):
@@ -300,8 +322,23 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
         return metrics
 
+    def ema_generator(self) -> nn.Module | None:
+        """The EMA generator as one plain module on rank 0 (None elsewhere). Under FSDP this gathers the shards
+        into ``sampling_generator``, so every rank must call it."""
+        if self.m.generator is None:
+            return None
+        ema = self.emas["generator"].module
+        if not sharding.is_sharded(ema):
+            return ema
+        state = sharding.gather(ema.state_dict(), keep=self.env.is_main)
+        if not self.env.is_main:
+            return None
+        self.sampling_generator.load_state_dict(state)
+        return self.sampling_generator
+
     @torch.no_grad()
     def write_grids(self) -> None:
+        gen = self.ema_generator()
         if not self.env.is_main:
             return
         tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
@@ -309,9 +346,8 @@ class Trainer:
         recon = tok.decode(tok.encode(images))
         pairs = torch.stack([images, recon], dim=1).flatten(0, 1)
         save_image_grid(pairs.float().cpu(), self.run_dir / "recon" / f"step_{self.step:07d}.png", nrow=8)
-        if self.m.generator is None:
+        if gen is None:
             return
-        gen = self.emas["generator"].module if "generator" in self.emas else self.m.generator
         e = self.cfg.eval
         classes = list(e.sample_classes) or list(range(min(10, self.num_classes)))
         labels = torch.tensor(classes, device=self.device).repeat_interleave(e.samples_per_class)
@@ -322,6 +358,7 @@ class Trainer:
     def small_fid(self, writer) -> dict[str, float]:
         """FID of eval.fid_samples EMA samples: on the reference classifier's features for Fashion-MNIST (cheap),
         on Inception features otherwise. Logged as eval/*."""
+        gen = self.ema_generator()
         if not self.env.is_main:
             return {}
         from gear.eval import runs
@@ -329,7 +366,6 @@ class Trainer:
         e, data = self.cfg.eval, self.cfg.data
         classifier = runs.reference_classifier(data, device=str(self.device)) if data.name == "fashion-mnist" else None
         tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
-        gen = self.emas["generator"].module
         metrics = runs.generation_metrics(tok, gen, data, num=e.fid_samples, cfg_scale=e.cfg_scale,
                                           feature="classifier" if classifier is not None else "inception",
                                           classifier=classifier, batch_size=100)
@@ -343,22 +379,30 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
-        """Checkpoint for resume, plus safetensors model directories for sampling (rank 0 only)."""
-        if self.env.is_main:
-            payload = {
-                "step": self.step,
-                "stage": self.stage,
-                "modules": {k: v.state_dict() for k, v in self.trained.items()},
-                "optimizers": {k: u.optimizer.state_dict() for k, u in self.opts.items()},
-                "emas": {k: e.state_dict() for k, e in self.emas.items()},
-            }
+        """Checkpoint for resume, plus safetensors model directories for sampling (written by rank 0).
+
+        Under FSDP the shards are gathered first (every rank takes part); the checkpoint holds full tensors."""
+        keep = self.env.is_main
+        payload = {
+            "step": self.step,
+            "stage": self.stage,
+            "modules": {k: sharding.gather(v.state_dict(), keep) for k, v in self.trained.items()},
+            "optimizers": {k: sharding.gather(u.optimizer.state_dict(), keep) for k, u in self.opts.items()},
+            "emas": {k: sharding.gather(e.state_dict(), keep) for k, e in self.emas.items()},
+        }
+        if keep:
             ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir), payload)
-            self._export_models()
+            self._export_models(payload)
         barrier()
 
-    def _export_models(self) -> None:
+    def _export_models(self, payload: dict) -> None:
         for kind, mod in (("tokenizer", self.m.tokenizer), ("generator", self.m.generator)):
             if mod is None:
+                continue
+            if sharding.is_sharded(mod):  # the gathered states, through rank 0's plain copy
+                for state, name in ((payload["emas"][kind], kind), (payload["modules"][kind], f"{kind}{LIVE_SUFFIX}")):
+                    self.sampling_generator.load_state_dict(state)
+                    self.sampling_generator.save_pretrained(self.run_dir / name)
                 continue
             ema = self.emas.get(kind)
             (ema.module if ema is not None else mod).save_pretrained(self.run_dir / kind)
@@ -372,9 +416,9 @@ class Trainer:
                              f"{sorted(self.trained)}: resume with the run's own config.yaml")
         try:
             for k, mod in self.trained.items():
-                mod.load_state_dict(payload["modules"][k])
+                sharding.load_module_state(mod, payload["modules"][k])
             for k, u in self.opts.items():
-                u.optimizer.load_state_dict(payload["optimizers"][k])
+                sharding.load_optimizer_state(u.optimizer, payload["optimizers"][k])
             for k, e in self.emas.items():
                 e.load_state_dict(payload["emas"][k])
         except (RuntimeError, KeyError, ValueError) as err:

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from gear.align.repa import repa_loss
 from gear.config import Config
@@ -51,7 +52,7 @@ class Updater:
         self._calls = 0
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
-        return norm
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over all shards
 
 
 @dataclass
