@@ -138,9 +138,7 @@ def build(args: argparse.Namespace, preset: BenchPreset) -> Bench:
         perceptual = build_perceptual_loss(cfg.loss.perceptual).to(device)
     disc = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers).to(device)
     m = Modules(tokenizer=tokenizer, teacher=teacher, generator=generator, projector=projector,
-                discriminator=disc, perceptual=perceptual)
-    if hasattr(steps, "DiscriminatorHinge"):  # the discriminator update goes through a loss module
-        m.discriminator_loss = steps.DiscriminatorHinge(disc)
+                discriminator=disc, discriminator_loss=steps.DiscriminatorHinge(disc), perceptual=perceptual)
     if args.compile:
         for mod in (tokenizer, generator, disc):
             mod.compile()
