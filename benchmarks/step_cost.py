@@ -500,6 +500,24 @@ def report(args, preset: BenchPreset, b: Bench, times, flops, peak, sampling, co
 # ----------------------------------------------------------------------------------------- main
 
 
+def flops_report(args, preset: BenchPreset, b: Bench, flops: dict[str, int]) -> str:
+    batch = b.images.shape[0]
+    lines = [
+        f"# Step FLOPs at the `{args.preset}` preset (counted, not timed)",
+        "",
+        f"- command: `python benchmarks/step_cost.py {' '.join(sys.argv[1:])}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}; batch {batch}",
+        f"- config: {preset.why}",
+        "- `frozen` is a frozen-tokenizer REPA step (LlamaGen-REPA); `soft` is GEAR's soft branch alone; `joint` the",
+        "  whole GEAR step (tokenizer with perceptual and GAN terms, discriminator, AR).",
+        "",
+        "| piece | GFLOP per image | FLOP / frozen |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {fl / batch / 1e9:.2f} | {fl / flops['frozen']:.3f} |" for name, fl in flops.items()]
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -545,6 +563,10 @@ def main(argv: list[str] | None = None) -> None:
         flops = {name: count_flops(fn) for name, fn in pieces.items()}
         for name, fl in flops.items():
             print(f"{name:>22}: {fl / 1e9:10.2f} GFLOP  ({fl / flops['frozen']:.3f} x frozen)", flush=True)
+        if args.out:  # next to the timed report, never over it
+            path = Path(args.out).with_name(f"step_cost_flops_{args.preset}.md")
+            path.write_text(flops_report(args, preset, b, flops))
+            print(f"wrote {path}")
         return
     cosines: dict[str, list[dict]] = {}
     if "grad" not in args.skip:  # first, on the untouched weights
