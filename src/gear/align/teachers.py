@@ -131,13 +131,18 @@ class _FoldedConv(nn.Module):
         self.groups = conv.groups
         self.kernel = conv.weight.shape[-1]
 
+    def _same_padding(self, size: int) -> tuple[int, int]:
+        """TF 'same' padding of one axis: output size = ceil(size / stride)."""
+        pad = max((-(-size // self.stride) - 1) * self.stride + self.kernel - size, 0)
+        return pad // 2, pad - pad // 2
+
     def forward(self, x: Tensor) -> Tensor:
-        size, s, k = x.shape[-1], self.stride, self.kernel
-        pad = max((-(-size // s) - 1) * s + k - size, 0)  # TF 'same': output size = ceil(size / stride)
-        lo, hi = pad // 2, pad - pad // 2
-        if lo == hi:
-            return F.conv2d(x, self.weight, self.bias, s, lo, 1, self.groups)
-        return F.conv2d(F.pad(x, (lo, hi, lo, hi)), self.weight, self.bias, s, 0, 1, self.groups)
+        top, bottom = self._same_padding(x.shape[-2])
+        left, right = self._same_padding(x.shape[-1])
+        if top == bottom == left == right:
+            return F.conv2d(x, self.weight, self.bias, self.stride, top, 1, self.groups)
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, 1, self.groups)
 
 
 class _MBConv(nn.Module):
