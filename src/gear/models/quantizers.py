@@ -26,7 +26,8 @@ ENTROPY_EPS = 1e-5  # keeps log() finite for codes with zero batch-average proba
 
 @dataclass
 class QuantizerLosses:
-    """Scalar losses, already multiplied by their config weights (beta, entropy_ratio)."""
+    """Scalar losses as each family weights them (VQ and LFQ: beta on commitment; IBQ: see IndexBackpropQuantizer);
+    entropy already multiplied by entropy_ratio."""
 
     codebook: Tensor
     commitment: Tensor
@@ -49,8 +50,8 @@ class _Assignment(NamedTuple):
     z_q: Tensor  # (N, C) quantized latents
     indices: Tensor  # (N,) int64
     d: Tensor  # (N, K)
-    codebook: Tensor  # scalar, weighted
-    commitment: Tensor  # scalar, weighted
+    codebook: Tensor  # scalar, as the family weights it
+    commitment: Tensor  # scalar, as the family weights it
 
 
 def soft_assignment(d: Tensor, temperature: float) -> Tensor:
@@ -82,9 +83,9 @@ def entropy_loss(d: Tensor, temperature: float, ratio: float) -> Tensor:
     """
     if ratio == 0:
         return d.new_zeros(())
-    logits = -d / temperature
-    probs = torch.softmax(logits, dim=-1)
-    sample_entropy = -(probs * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    logp = torch.log_softmax(-d / temperature, dim=-1)
+    probs = logp.exp()
+    sample_entropy = -(probs * logp).sum(-1).mean()
     avg_probs = global_mean(probs, dim=0)
     batch_entropy = -(avg_probs * torch.log(avg_probs + ENTROPY_EPS)).sum()
     return ratio * (sample_entropy - batch_entropy)
@@ -195,7 +196,7 @@ class VectorQuantizer(_Quantizer):
     def _quantize(self, flat: Tensor) -> _Assignment:
         z = F.normalize(flat, dim=-1)
         codes = self._codes().float()
-        d = (z * z).sum(-1, keepdim=True) + (codes * codes).sum(-1) - 2 * z @ codes.t()
+        d = 2 - 2 * z @ codes.t()  # both unit-norm; normalize's Jacobian removes the norms' gradient too
         indices = d.argmin(-1)
         hard = codes[indices]
         codebook = F.mse_loss(hard, z.detach())
