@@ -58,12 +58,10 @@ def load_module_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """``optimizer.load_state_dict`` of a full state dict: moments of sharded parameters are sharded like them."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    per_param = state.get("state", {})
-    if any(isinstance(p, DTensor) for p in params) and per_param:
-        per_param = {i: {k: _shard_like(v, params[int(i)]) for k, v in s.items()} if int(i) < len(params) else s
-                     for i, s in per_param.items()}
-        state = {**state, "state": per_param}
-    optimizer.load_state_dict(state)
+    # an index past the parameters is left for load_state_dict to reject with its own message
+    per_param = {i: {k: _shard_like(v, params[i]) for k, v in s.items()} if i < len(params) else s
+                 for i, s in state.get("state", {}).items()}
+    optimizer.load_state_dict({**state, "state": per_param})
 
 
 @contextmanager
