@@ -130,3 +130,17 @@ def test_soft_branch_runs_the_ar_in_eval_mode_with_labels_kept(modules):
     kept = tokenizer_terms(m, step_cfg(class_dropout=0.0), images, labels, target, out)["align_tok"]
     assert torch.equal(first, second) and torch.equal(first, kept)
     assert gen.training, "the AR's mode is restored after the update"
+
+
+def test_soft_statistics_only_when_the_step_logs(modules):
+    m = modules
+    images, labels = batch()
+    tok_params, ar_params = list(m.tokenizer.parameters()), [*m.generator.parameters(), *m.projector.parameters()]
+    opts = {"tokenizer": Updater(torch.optim.SGD(tok_params, lr=0.0), tok_params, 0.0),
+            "generator": Updater(torch.optim.SGD(ar_params, lr=0.0), ar_params, 0.0)}
+    target = m.teacher(images, GRID)
+    quiet = gear_step(m, opts, step_cfg(soft_statistics=False), images, labels, target).metrics
+    logged = gear_step(m, opts, step_cfg(soft_statistics=True), images, labels, target).metrics
+    assert not any(k.startswith("soft/") for k in quiet)
+    K = m.tokenizer.codebook_size
+    assert 0 <= logged["soft/entropy"] <= torch.log(torch.tensor(float(K))) and 1 / K <= logged["soft/top1"] <= 1

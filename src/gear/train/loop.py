@@ -194,8 +194,11 @@ class Trainer:
 
     def step_config(self) -> StepConfig:
         gen = self.m.generator
+        t = self.cfg.train
+        logs = (self.step + 1) % t.log_every == 0 or self.step + 1 == t.steps  # the step the loop logs after
         return StepConfig.from_config(self.cfg, tap_layer=self.tap_layer, gan_active=self.step >= self.cfg.loss.gan_start,
-                                      class_dropout=gen.config.class_dropout if gen is not None else 0.0)
+                                      class_dropout=gen.config.class_dropout if gen is not None else 0.0,
+                                      soft_statistics=logs)
 
     # ------------------------------------------------------------------ the loop
 

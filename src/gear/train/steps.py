@@ -83,14 +83,16 @@ class StepConfig:
     gan_active: bool
     class_dropout: float
     straight_through: bool                   # joint_mode == "ste": NTP reaches the tokenizer
+    soft_statistics: bool = True             # log soft/entropy and soft/top1 (a softmax over K: on log steps only)
 
     @classmethod
-    def from_config(cls, cfg: Config, *, tap_layer: int, class_dropout: float, gan_active: bool = True) -> StepConfig:
+    def from_config(cls, cfg: Config, *, tap_layer: int, class_dropout: float, gan_active: bool = True,
+                    soft_statistics: bool = True) -> StepConfig:
         a, loss = cfg.align, cfg.loss
         return cls(temperature=a.temperature, soft_top_k=a.soft_top_k, lambda_tok=a.lambda_tok, lambda_ar=a.lambda_ar,
                    tap_layer=tap_layer, l1_weight=loss.l1_weight, perceptual_weight=loss.perceptual_weight,
                    gan_weight=loss.gan_weight, gan_active=gan_active, class_dropout=class_dropout,
-                   straight_through=cfg.train.joint_mode == "ste")
+                   straight_through=cfg.train.joint_mode == "ste", soft_statistics=soft_statistics)
 
 
 @dataclass
@@ -262,7 +264,8 @@ def gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, lab
     if m.discriminator is not None and cfg.gan_active:
         metrics |= update_discriminator(m, opts["discriminator"], images, out.reconstruction)
     metrics |= update_generator(m, opts["generator"], cfg, out.quant.indices, labels, target)
-    metrics |= soft_statistics(out.quant.d.detach(), cfg.temperature)
+    if cfg.soft_statistics:
+        metrics |= soft_statistics(out.quant.d.detach(), cfg.temperature)
     return StepResult(metrics, out.quant.indices.detach())
 
 
@@ -278,7 +281,7 @@ STEPS = {"tokenizer": tokenizer_step, "joint": gear_step, "ar": ar_step}
 
 
 def soft_statistics(d: Tensor, temperature: float) -> dict[str, Tensor]:
-    """Entropy and top-1 mass of the soft assignment the tokenizer update saw."""
+    """Entropy and top-1 mass of the full softmax(-d / T) (before any top-k truncation of the soft branch)."""
     logp = torch.log_softmax(-d.float() / temperature, dim=-1)
     p = logp.exp()
     return {"soft/entropy": -(p * logp).sum(-1).mean(), "soft/top1": p.max(-1).values.mean()}
