@@ -7,7 +7,7 @@ Timed pieces, on the same modules, config and batch, interleaved over rounds (me
                 backward down to d (the encoder/codebook backward below d is shared with the quantizer's losses)
   tok X         (--marginal) tokenizer forward + update with the soft branch; ``tok X - tok plain`` (plain =
                 lambda_tok 0) is the soft branch's marginal cost inside the real update: a noisier cross-check
-where X is ``full`` (softmax over all K codes: the default, soft_top_k = 0), ``top-k`` (the k nearest codes,
+where X is ``full`` (softmax over all K codes, soft_top_k = 0), ``top-k`` (the k nearest codes, k = 256 the default,
 renormalized, fed to the AR as a sparse input) or ``top-k dense`` (the same assignment scattered back to
 (B, L, K), to show what the sparse input saves).
 Also: FLOPs of each piece (torch.utils.flop_counter), the AR step's achieved FLOP/s as a fraction of a large
@@ -191,7 +191,7 @@ def soft_branch_input(b: Bench) -> TokenizerOutput:
 
 def make_pieces(b: Bench, ks: tuple[int, ...], marginal: bool) -> dict[str, Callable[[], None]]:
     """Callables for every timed piece: the soft branch for full softmax and each k in ``ks``, the joint step
-    for full and ks[0] (the candidate default), and with ``marginal`` the tokenizer update with and without
+    for full and ks[0] (the default top-k), and with ``marginal`` the tokenizer update with and without
     the soft branch."""
     m, sc, images, labels, target = b.m, b.step_cfg, b.images, b.labels, b.target
     leaf = soft_branch_input(b)

@@ -51,7 +51,8 @@ class AlignConfig:
     lambda_tok: float = 0.5                      # weight of the soft-branch REPA in the tokenizer update
     lambda_ar: float = 0.5                       # weight of the hard-branch REPA in the AR update (0 = plain LlamaGen)
     # Renormalized over the k nearest codes (0 = the full softmax over K). 256 keeps the tokenizer gradient's
-    # cosine to the full soft branch >= 0.99 at T = 0.1 for K = 4096 and 16384 (benchmarks/results/step_cost.md).
+    # cosine to the full soft branch >= 0.99 at T = 0.1: 1.000 for K = 4096 (benchmarks/results/step_cost.md),
+    # 0.997 for K = 16384 (step_cost.py --set "model.tokenizer_overrides={codebook_size: 16384}" --skip timing sampling).
     soft_top_k: int = 256
 
 
