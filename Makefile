@@ -42,7 +42,7 @@ demo: venv data
 
 # benchmarks: ratios measured in one run, never timed tests
 reproduce: venv data
-	$(PY) -m pip install -q matplotlib
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/reproduce.py
 
 step-cost: venv data

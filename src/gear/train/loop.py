@@ -81,6 +81,7 @@ class Trainer:
         self.wrapped = self._wrap_for_processes()
         self.step = 0
         self.teacher_cache: dict[int, Tensor] = {}
+        self.fid_classifier = None  # the reference classifier of small_fid, loaded on first use
         self.usage_counts = torch.zeros(self.m.tokenizer.codebook_size, dtype=torch.long, device=self.device)
         if resume:
             self._load(ckpt.load_checkpoint(checkpoint))
@@ -367,7 +368,9 @@ class Trainer:
         from gear.eval import runs
 
         e, data = self.cfg.eval, self.cfg.data
-        classifier = runs.reference_classifier(data, device=str(self.device)) if data.name == "fashion-mnist" else None
+        if data.name == "fashion-mnist" and self.fid_classifier is None:  # built (and its accuracy measured) once
+            self.fid_classifier = runs.reference_classifier(data, device=str(self.device))
+        classifier = self.fid_classifier
         tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
         metrics = runs.generation_metrics(tok, gen, data, num=e.fid_samples, cfg_scale=e.cfg_scale,
                                           feature="classifier" if classifier is not None else "inception",
