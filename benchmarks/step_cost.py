@@ -53,6 +53,7 @@ from gear.models.quantizers import QuantizerLosses
 from gear.models.sampling import generate, sample_logits
 from gear.train import steps
 from gear.train.build import generator_from_config, tokenizer_from_config
+from gear.train.loop import tap_layer
 from gear.train.steps import Modules, StepConfig, Updater, ar_step, gear_step, tokenizer_terms, update_tokenizer
 
 
@@ -147,12 +148,14 @@ def build(args: argparse.Namespace, preset: BenchPreset) -> Bench:
     opts = {}
     for name, mods in groups.items():
         params = [p for mod in mods for p in mod.parameters()]
-        opts[name] = Updater(torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
+        lr = o.disc_lr if name == "discriminator" else o.lr  # as the trainer builds them
+        opts[name] = Updater(torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay),
                              params, o.grad_clip)
     for mod in (tokenizer, generator, projector, disc):
         mod.train()
-    step_cfg = StepConfig.from_config(cfg, tap_layer=cfg.align.tap_layer or max(1, generator.config.n_layer // 3),
-                                      class_dropout=generator.config.class_dropout)
+    step_cfg = StepConfig.from_config(cfg, tap_layer=tap_layer(cfg, generator.config.n_layer),
+                                      class_dropout=generator.config.class_dropout,
+                                      soft_statistics=False)  # a step the trainer does not log
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
     return Bench(cfg, m, opts, step_cfg, images, labels, target, device, autocast)
