@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from gear.data.transforms import Sample, pad_to
+from gear.data.transforms import Sample, pad_to, to_tensor_minus1_1
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 ROOT_ENV = "GEAR_FASHION_MNIST"
@@ -131,7 +131,7 @@ class FashionMNIST(Dataset):
         size = self.image_size
         if size == 32:
             grey = pad_to(grey, size, value=0)
-        image = grey.float().div(127.5).sub(1.0)[None]
+        image = to_tensor_minus1_1(grey)  # (1, H, W)
         if image.shape[-1] != size:
             image = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             image = image[0].clamp(-1.0, 1.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from gear.data.transforms import to_uint8_image
+
 ImageBatch = torch.Tensor | np.ndarray
 
 
@@ -32,8 +34,7 @@ def to_uint8_nhwc(images: ImageBatch) -> np.ndarray:
             f"float images must be in [-1, 1], got values up to {tensor.abs().max().item():.3g}; "
             "pass [0, 255] data as a uint8 (N, H, W, C) array"
         )
-    uint8 = tensor.float().clamp(-1.0, 1.0).add(1.0).mul(127.5).round().to(torch.uint8)
-    return np.ascontiguousarray(uint8.permute(0, 2, 3, 1).numpy())
+    return np.ascontiguousarray(to_uint8_image(tensor).permute(0, 2, 3, 1).numpy())
 
 
 def to_rgb(images_nhwc: np.ndarray) -> np.ndarray:
