@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from gear.align import TEACHERS, Projector, build_teacher, repa_loss
 from gear.align.teachers import (
-    EfficientNetLiteTeacher,
     _FoldedConv,
     efficientnet_lite_weights_file,
     imagenet_normalize,

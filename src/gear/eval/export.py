@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from gear.files import atomic_write
 from gear.eval.convert import ImageBatch, to_rgb, to_uint8_nhwc
 
 
@@ -22,13 +22,4 @@ def save_adm_npz(images: ImageBatch, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, arr_0=array)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write(path, lambda tmp: np.savez(tmp, arr_0=array), suffix=".npz")

@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from gear.files import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -37,8 +38,8 @@ class Pretrained:
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"kind": self.kind, "config": dataclasses.asdict(self.config)}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p))
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p))
         return directory
 
     @classmethod
@@ -78,15 +79,3 @@ def read_config(directory: str | os.PathLike, kind: str, config_class: type) -> 
 def _untuple(value: Any) -> Any:
     # JSON turns tuples into lists; configs use tuples for immutability.
     return tuple(value) if isinstance(value, list) else value
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary file in the same directory, then rename: a crash leaves the old file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
