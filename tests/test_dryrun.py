@@ -42,3 +42,12 @@ def test_cli_dry_run_prints_the_report(capsys, monkeypatch):
     # overrides may follow the flag
     assert main(["train", "configs/imagenet256-joint.yaml", "--dry-run", "train.parallel=fsdp"]) == 0
     assert "total (FSDP)" in capsys.readouterr().out
+
+
+def test_gradient_accumulation_shrinks_the_activations_of_one_forward():
+    one = dry_run(load_config("configs/imagenet256-joint.yaml"), world_size=8)
+    two = dry_run(load_config("configs/imagenet256-joint.yaml", ["train.grad_accum_steps=2"]), world_size=8)
+    act = "activations (estimate)"
+    assert two.memory_gib[act] == pytest.approx(one.memory_gib[act] / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        dry_run(load_config("configs/imagenet256-joint.yaml", ["train.grad_accum_steps=5"]), world_size=8)

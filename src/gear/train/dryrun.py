@@ -68,6 +68,10 @@ def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} processes")
     local = cfg.train.batch_size // world
+    if local % cfg.train.grad_accum_steps:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must split evenly over {world} processes x "
+                         f"train.grad_accum_steps={cfg.train.grad_accum_steps}")
+    micro = local // cfg.train.grad_accum_steps  # what one forward holds activations for
     stage = cfg.train.stage
     num_classes = cfg.model.generator_overrides.get("num_classes", 10 if cfg.data.name == "fashion-mnist" else 1000)
     uses_align = cfg.align.lambda_ar > 0 or (stage == "joint" and cfg.align.lambda_tok > 0)
@@ -88,13 +92,13 @@ def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
 
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.train.device != "cpu")
         act = 2 if bf16 else 4
-        images = torch.empty(local, 3, cfg.data.image_size, cfg.data.image_size)
+        images = torch.empty(micro, 3, cfg.data.image_size, cfg.data.image_size)
         activations = {}
         if stage in ("tokenizer", "joint"):
             activations["tokenizer"] = _activation_bytes(tok, images, bytes_per_value=act)
         if modules["generator"] is not None:
-            tokens = torch.zeros(local, grid * grid - 1, dtype=torch.long)
-            labels = torch.zeros(local, dtype=torch.long)
+            tokens = torch.zeros(micro, grid * grid - 1, dtype=torch.long)
+            labels = torch.zeros(micro, dtype=torch.long)
             activations["generator"] = _activation_bytes(modules["generator"], tokens, labels, bytes_per_value=act)
 
     trained = {k: _count(m) for k, m in modules.items() if m is not None and not (k == "tokenizer" and stage == "ar")}
