@@ -9,7 +9,6 @@ from gear.models.autoencoder import (
     Tokenizer,
     TokenizerConfig,
     build_tokenizer,
-    load_llamagen_state_dict,
 )
 from gear.models.pretrained import WEIGHTS_NAME
 
@@ -143,7 +142,10 @@ def test_full_size_presets_build_on_meta(preset, size, dim, n_quant_params):
         model = build_tokenizer(preset)
     assert model.downsample == 16 and model.codebook_size == size and model.quantize.code_dim == dim
     assert len(list(model.quantize.parameters())) == n_quant_params
-    assert model.quant_conv.weight.shape == (dim, 256, 1, 1)
+    if preset == "lfq-16":  # Open-MAGVIT2: the encoder's 14 channels are the LFQ latent
+        assert isinstance(model.quant_conv, torch.nn.Identity) and model.encoder.conv_out.out_channels == 14
+    else:
+        assert model.quant_conv.weight.shape == (dim, 256, 1, 1)
     if preset == "ibq-16":
         assert model.quantize.embedding.weight.shape == (16384, 256)
 
@@ -210,20 +212,6 @@ def test_loading_a_truncated_weights_file_raises(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ValueError, match="truncated"):
         Tokenizer.from_pretrained(tmp_path)
-
-
-def test_load_llamagen_state_dict_unwraps_and_prefers_ema(tmp_path):
-    source, other = tiny("vq-tiny", seed=0), tiny("vq-tiny", seed=1)
-    torch.save({"model": other.state_dict(), "ema": source.state_dict(), "steps": 10}, tmp_path / "both.pt")
-    torch.save({"model": source.state_dict()}, tmp_path / "model.pt")
-    x = images()
-    for name in ("both.pt", "model.pt"):
-        target = tiny("vq-tiny", seed=2)
-        target.load_state_dict(load_llamagen_state_dict(tmp_path / name))
-        assert torch.equal(target(x).reconstruction, source(x).reconstruction)
-    torch.save({"steps": 10}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="state dict"):
-        load_llamagen_state_dict(tmp_path / "bad.pt")
 
 
 @pytest.mark.parametrize("preset", TINY)

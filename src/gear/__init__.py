@@ -6,6 +6,8 @@ The public API::
     gpt = gear.build_generator("gpt-b", num_classes=1000)
     tok = gear.load_tokenizer("runs/demo/joint")     # a saved model directory, or a run directory
     gpt = gear.load_generator("runs/demo/ar")
+    tok = gear.load_tokenizer("pretrain256_16384.ckpt", preset="lfq-16")    # a released checkpoint file
+    gpt = gear.load_generator("c2i_XL_384.pt", preset="gpt-xl", grid_size=24)
     images = tok.decode(gpt.generate(labels, cfg_scale=1.5, seed=0))
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from gear.models.autoencoder import TOKENIZER_PRESETS, Tokenizer, TokenizerConfig, build_tokenizer
 from gear.models.gpt import GPT, GPT_PRESETS, GPTConfig, build_generator
+from gear.models.released import RELEASED_SUFFIXES, is_released_file, released_generator, released_tokenizer
 
 __version__ = "0.1.0"
 
@@ -24,15 +27,36 @@ __all__ = [
 ]
 
 
-def load_tokenizer(path: str | Path, ema: bool = True, map_location: str = "cpu") -> Tokenizer:
-    """A tokenizer from a ``save_pretrained`` directory, or from a run directory (its EMA weights by default)."""
+def load_tokenizer(path: str | Path, ema: bool = True, map_location: str = "cpu", preset: str | None = None,
+                   **overrides) -> Tokenizer:
+    """A tokenizer from a ``save_pretrained`` directory, a run directory (its EMA weights by default), or a
+    released checkpoint file (.pt/.pth/.ckpt/.bin/.safetensors) with the ``preset`` of its architecture and
+    TokenizerConfig ``overrides``."""
     from gear.train.build import TOKENIZER_DIR, model_dir
 
+    if _released(path, preset, overrides):
+        return released_tokenizer(path, preset, ema=ema, **overrides)[0].to(map_location)
     return Tokenizer.from_pretrained(model_dir(path, TOKENIZER_DIR, ema=ema), map_location=map_location)
 
 
-def load_generator(path: str | Path, ema: bool = True, map_location: str = "cpu") -> GPT:
-    """A generator from a ``save_pretrained`` directory, or from a run directory (its EMA weights by default)."""
+def load_generator(path: str | Path, ema: bool = True, map_location: str = "cpu", preset: str | None = None,
+                   **overrides) -> GPT:
+    """A generator from a ``save_pretrained`` directory, a run directory (its EMA weights by default), or a
+    released checkpoint file with the ``preset`` of its architecture and GPTConfig ``overrides`` (the token
+    grid is not stored in LlamaGen's files: pass ``grid_size=24`` for its 384 px models)."""
     from gear.train.build import GENERATOR_DIR, model_dir
 
+    if _released(path, preset, overrides):
+        return released_generator(path, preset, ema=ema, **overrides)[0].to(map_location)
     return GPT.from_pretrained(model_dir(path, GENERATOR_DIR, ema=ema), map_location=map_location)
+
+
+def _released(path: str | Path, preset: str | None, overrides: dict) -> bool:
+    if is_released_file(path):
+        if preset is None:
+            raise ValueError(f"{path} is a checkpoint file: pass preset=NAME for its architecture (see `gear presets`)")
+        return True
+    if preset is not None or overrides:
+        raise ValueError(f"{path} is not a checkpoint file ({', '.join(RELEASED_SUFFIXES)}): preset and overrides "
+                         "apply only to those; a saved model directory carries its own config.json")
+    return False

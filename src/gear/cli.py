@@ -1,4 +1,4 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon."""
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | convert."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ def cmd_presets(args: argparse.Namespace) -> None:
     from gear.models.autoencoder import TOKENIZER_PRESETS, build_tokenizer
     from gear.models.gpt import GPT_PRESETS, build_generator
 
-    print("tokenizers (preset: quantizer, codebook, downsample, parameters)")
+    print("tokenizers (preset: quantizer, backbone, codebook, downsample, parameters)")
     for name, c in TOKENIZER_PRESETS.items():
         n = _count_on_meta(build_tokenizer, name)
         down = 2 ** (len(c.channel_mult) - 1)
-        print(f"  {name:<10} {c.quantizer:<4} {c.codebook_size:>6} x {c.codebook_dim:<4} /{down:<3} {n / 1e6:8.2f}M")
+        print(f"  {name:<10} {c.quantizer:<4} {c.backbone:<8} {c.codebook_size:>6} x {c.codebook_dim:<4} /{down:<3} "
+              f"{n / 1e6:8.2f}M  ({n:,})")
     print("generators (preset: layers, heads, dim, parameters at the preset's vocabulary/grid/classes)")
     for name, c in GPT_PRESETS.items():
         n = _count_on_meta(build_generator, name)
@@ -136,6 +137,47 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(runs.write_json({"run": str(args.run_dir), "what": args.what, **metrics}, args.out))
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from gear.models.autoencoder import TOKENIZER_PRESETS, TokenizerConfig
+    from gear.models.gpt import GPT_PRESETS, GPTConfig
+    from gear.models.pretrained import CONFIG_NAME
+    from gear.models.released import RELEASED_SUFFIXES, is_released_file, released_generator, released_tokenizer
+
+    if args.preset in TOKENIZER_PRESETS:
+        load, config_class = released_tokenizer, TokenizerConfig
+    elif args.preset in GPT_PRESETS:
+        load, config_class = released_generator, GPTConfig
+    else:
+        raise ValueError(f"unknown preset {args.preset!r}; valid presets: {sorted(TOKENIZER_PRESETS) + sorted(GPT_PRESETS)}")
+    if not is_released_file(args.src):
+        raise ValueError(f"{args.src} is not a checkpoint file ({', '.join(RELEASED_SUFFIXES)})")
+    out = Path(args.out)
+    if (out / CONFIG_NAME).exists():
+        raise ValueError(f"{out} already holds a saved model; pass another --out or remove it first")
+    model, weights = load(args.src, args.preset, ema=not args.live, **_config_overrides(args.overrides, config_class))
+    model.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out}: {model.kind} {args.preset} ({n:,} parameters) from {args.src}: {weights.describe()}")
+
+
+def _config_overrides(items: list[str], config_class: type) -> dict:
+    """``key=value`` strings -> typed fields of ``config_class`` (values are YAML: channel_mult=[1,2,2])."""
+    import typing
+
+    import yaml
+
+    from gear.config import _coerce
+
+    hints = typing.get_type_hints(config_class)
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"{item!r} is not a {config_class.__name__} key=value; valid keys: {sorted(hints)}")
+        out[key] = _coerce(yaml.safe_load(raw), hints[key], key)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gear.config import EvalConfig
 
@@ -197,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default=None, help="write the metrics JSON here too")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("convert", help="a released checkpoint file -> a model directory (config.json + model.safetensors)")
+    s.add_argument("src", help="a .pt / .pth / .ckpt / .bin / .safetensors file (see README: released files)")
+    s.add_argument("overrides", nargs="*", help="config overrides of the preset, e.g. grid_size=24 for a 384 px GPT")
+    s.add_argument("--preset", required=True, help="the file's architecture (see `gear presets`)")
+    s.add_argument("--out", required=True, help="directory to write; use RUN/tokenizer and RUN/generator for `gear sample RUN`")
+    s.add_argument("--live", action="store_true", help="the live weights instead of the EMA copy the file may hold")
+    s.set_defaults(func=cmd_convert)
     return p
 
 

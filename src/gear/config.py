@@ -33,10 +33,11 @@ class ModelConfig:
     tokenizer_overrides: dict = field(default_factory=dict)
     generator: str = "gpt-tiny"
     generator_overrides: dict = field(default_factory=dict)
-    # Weights to start from: a run directory, a saved model directory, or (tokenizer) a LlamaGen .pt file.
+    # Weights to start from: a run directory, a saved model directory, or a released checkpoint file
+    # (.pt/.pth/.ckpt/.bin/.safetensors) of the named preset's architecture (see gear.models.released).
     tokenizer_init: str = ""
     generator_init: str = ""
-    init_from_ema: bool = True                   # take the EMA weights when the init is a run directory
+    init_from_ema: bool = True                   # take the EMA weights when the init has them
 
 
 @dataclass

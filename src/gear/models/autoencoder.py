@@ -1,15 +1,17 @@
 """Convolutional encoder/decoder around a quantizer: the image tokenizer.
 
-The layout and parameter names follow the LlamaGen VQ-16 tokenizer (``encoder.conv_blocks.*``,
-``encoder.mid.*``, ``quant_conv``, ``quantize.embedding.weight``, ...) so its released checkpoint
-loads with a plain ``load_state_dict``. Attention runs only at the lowest resolution (after every
-res block of the last level) and in the middle block.
+Two backbone families (``TokenizerConfig.backbone``):
+- "conv": the LlamaGen/taming backbone of VQ-16 and IBQ-16, defined here. Parameter names follow the
+  LlamaGen VQ-16 tokenizer (``encoder.conv_blocks.*``, ``encoder.mid.*``, ``quant_conv``,
+  ``quantize.embedding.weight``, ...) so its released checkpoint loads with a plain ``load_state_dict``
+  (taming-named IBQ files are renamed by ``gear.models.released``). Attention runs only at the lowest
+  resolution (after every res block of the last level) and in the middle block.
+- "magvit2": the Open-MAGVIT2 backbone of LFQ-16 (``gear.models.magvit2``), without quant convs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gear.models import magvit2
 from gear.models.pretrained import Pretrained
 from gear.models.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
+
+
+BACKBONES = ("conv", "magvit2")
 
 
 @dataclass
@@ -38,11 +44,19 @@ class TokenizerConfig:
     entropy_temperature: float = 0.01
     image_channels: int = 3
     norm_groups: int = 32  # GroupNorm groups; every feature width must be divisible by it
+    backbone: str = "conv"  # "conv" (LlamaGen/taming: VQ-16, IBQ-16) | "magvit2" (Open-MAGVIT2: LFQ-16)
 
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         if self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone == "magvit2" and (self.z_channels != self.codebook_dim or self.dropout):
+            raise ValueError(
+                "the magvit2 backbone has no quant convs and no dropout: it needs z_channels == codebook_dim and "
+                f"dropout 0, got z_channels={self.z_channels}, codebook_dim={self.codebook_dim}, dropout={self.dropout}"
+            )
         if self.codebook_size < 2 or self.codebook_dim < 1:
             raise ValueError(f"need codebook_size >= 2 and codebook_dim >= 1, got {self.codebook_size}, {self.codebook_dim}")
         if self.quantizer == "lfq" and self.codebook_size != 2**self.codebook_dim:
@@ -228,10 +242,13 @@ class Tokenizer(nn.Module, Pretrained):
     def __init__(self, config: TokenizerConfig):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
+        if config.backbone == "magvit2":  # the encoder's output is the quantizer's input
+            self.encoder, self.decoder = magvit2.Encoder(config), magvit2.Decoder(config)
+            self.quant_conv, self.post_quant_conv = nn.Identity(), nn.Identity()
+        else:
+            self.encoder, self.decoder = Encoder(config), Decoder(config)
+            self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
+            self.post_quant_conv = nn.Conv2d(config.codebook_dim, config.z_channels, 1)
         self.quantize = build_quantizer(
             config.quantizer,
             config.codebook_size,
@@ -283,18 +300,25 @@ class Tokenizer(nn.Module, Pretrained):
         return images
 
 
-_BIG = dict(base_channels=128, channel_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256)
+_BIG = dict(base_channels=128, channel_mult=(1, 1, 2, 2, 4), z_channels=256)
 # Widths 16, 32, 32: the full-resolution level is the expensive one on a CPU, so it is the narrowest
 # (about 0.3 s for forward + backward of 32 images at 32 px on one core); attention runs at 8 x 8.
 _TINY = dict(base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, z_channels=64, norm_groups=8)
 
 TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
-    "vq-16": TokenizerConfig(quantizer="vq", codebook_size=16384, codebook_dim=8, **_BIG),
-    "lfq-16": TokenizerConfig(quantizer="lfq", codebook_size=2**14, codebook_dim=14, **_BIG),
-    "ibq-16": TokenizerConfig(quantizer="ibq", codebook_size=16384, codebook_dim=256, **_BIG),
+    # LlamaGen vq_ds16_c2i.pt: 71,883,403 parameters
+    "vq-16": TokenizerConfig(quantizer="vq", codebook_size=16384, codebook_dim=8, num_res_blocks=2, **_BIG),
+    # Open-MAGVIT2 pretrain256_16384.ckpt: 115,094,033 parameters
+    "lfq-16": TokenizerConfig(
+        quantizer="lfq", backbone="magvit2", codebook_size=2**14, codebook_dim=14, num_res_blocks=4,
+        base_channels=128, channel_mult=(1, 1, 2, 2, 4), z_channels=14,
+    ),
+    # SEED-Voken IBQ_pretrain_16384.ckpt: 110,982,019 parameters
+    "ibq-16": TokenizerConfig(quantizer="ibq", codebook_size=16384, codebook_dim=256, num_res_blocks=4, **_BIG),
     # 32 px images -> 8 x 8 token grids.
     "vq-tiny": TokenizerConfig(quantizer="vq", codebook_size=512, codebook_dim=8, **_TINY),
-    "lfq-tiny": TokenizerConfig(quantizer="lfq", codebook_size=2**9, codebook_dim=9, **_TINY),
+    "lfq-tiny": TokenizerConfig(quantizer="lfq", backbone="magvit2", codebook_size=2**9, codebook_dim=9,
+                                **{**_TINY, "z_channels": 9}),
     "ibq-tiny": TokenizerConfig(quantizer="ibq", codebook_size=512, codebook_dim=32, **_TINY),
 }
 
@@ -308,20 +332,3 @@ def build_tokenizer(preset: str, **overrides) -> Tokenizer:
     if unknown:
         raise ValueError(f"unknown TokenizerConfig keys {unknown}; valid keys: {sorted(fields)}")
     return Tokenizer(dataclasses.replace(TOKENIZER_PRESETS[preset], **overrides))
-
-
-def load_llamagen_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Weights of a LlamaGen tokenizer checkpoint (e.g. vq_ds16_c2i.pt), preferring its EMA copy.
-
-    Load into ``build_tokenizer("vq-16")`` with ``load_state_dict``.
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors")
-    for key in ("ema", "model", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    if not checkpoint or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path} is not a tokenizer state dict (expected tensors, or one under 'ema' / 'model')")
-    return dict(checkpoint)

@@ -6,9 +6,10 @@ import dataclasses
 from pathlib import Path
 
 from gear.config import Config
-from gear.models.autoencoder import Tokenizer, build_tokenizer, load_llamagen_state_dict
+from gear.models.autoencoder import Tokenizer, build_tokenizer
 from gear.models.gpt import GPT, build_generator
 from gear.models.pretrained import CONFIG_NAME
+from gear.models.released import is_released_file, released_generator, released_tokenizer
 
 TOKENIZER_DIR = "tokenizer"        # inside a run directory: EMA weights (what sampling uses)
 GENERATOR_DIR = "generator"
@@ -32,12 +33,9 @@ def model_dir(path: str | Path, kind: str, ema: bool = True) -> Path:
 def tokenizer_from_config(cfg: Config) -> Tokenizer:
     """The preset with its overrides; weights from ``model.tokenizer_init`` when given."""
     init = cfg.model.tokenizer_init
-    if init and Path(init).suffix in (".pt", ".pth"):  # a LlamaGen-format checkpoint for a preset of that architecture
-        if not Path(init).is_file():
-            raise FileNotFoundError(f"model.tokenizer_init={init}: no such checkpoint file")
-        tok = build_tokenizer(cfg.model.tokenizer, **cfg.model.tokenizer_overrides)
-        _load_strict(tok, load_llamagen_state_dict(init), init)
-        return tok
+    if init and is_released_file(init):  # a released checkpoint of model.tokenizer's architecture
+        overrides = cfg.model.tokenizer_overrides
+        return released_tokenizer(init, cfg.model.tokenizer, ema=cfg.model.init_from_ema, **overrides)[0]
     if init:
         saved = Tokenizer.from_pretrained(model_dir(init, TOKENIZER_DIR, ema=cfg.model.init_from_ema))
         return _with_overrides(saved, cfg.model.tokenizer_overrides, "model.tokenizer_overrides")
@@ -72,23 +70,30 @@ def generator_from_config(cfg: Config, tokenizer: Tokenizer, num_classes: int) -
             f"data.image_size={cfg.data.image_size} is not a multiple of the tokenizer's downsample {tokenizer.downsample}"
         )
     derived = {"vocab_size": tokenizer.codebook_size, "grid_size": grid, "num_classes": num_classes}
-    if cfg.model.generator_init:
-        gen = GPT.from_pretrained(model_dir(cfg.model.generator_init, GENERATOR_DIR, ema=cfg.model.init_from_ema))
+    init = cfg.model.generator_init
+    if init and is_released_file(init):  # a released checkpoint of model.generator's architecture
+        overrides = _with_derived(cfg.model.generator_overrides, derived)
+        gen = released_generator(init, cfg.model.generator, ema=cfg.model.init_from_ema, **overrides)[0]
+    elif init:
+        gen = GPT.from_pretrained(model_dir(init, GENERATOR_DIR, ema=cfg.model.init_from_ema))
         extra = {k: v for k, v in cfg.model.generator_overrides.items() if k not in derived}
         gen = _with_overrides(gen, extra, "model.generator_overrides")
     else:
-        overrides = dict(cfg.model.generator_overrides)
-        for key, value in derived.items():
-            if key in overrides and overrides[key] != value:
-                raise ValueError(
-                    f"model.generator_overrides.{key}={overrides[key]} disagrees with the tokenizer/data ({value}); drop it"
-                )
-            overrides[key] = value
-        gen = build_generator(cfg.model.generator, **overrides)
+        gen = build_generator(cfg.model.generator, **_with_derived(cfg.model.generator_overrides, derived))
     check_pair(tokenizer, gen, image_size=cfg.data.image_size)
     if gen.config.num_classes != num_classes:
         raise ValueError(f"the generator has {gen.config.num_classes} classes but the data set has {num_classes}")
     return gen
+
+
+def _with_derived(overrides: dict, derived: dict) -> dict:
+    """Generator overrides plus the values the tokenizer and data fix; a disagreeing override is an error."""
+    out = dict(overrides)
+    for key, value in derived.items():
+        if key in out and out[key] != value:
+            raise ValueError(f"model.generator_overrides.{key}={out[key]} disagrees with the tokenizer/data ({value}); drop it")
+        out[key] = value
+    return out
 
 
 def check_pair(tokenizer: Tokenizer, generator: GPT, image_size: int | None = None) -> None:
