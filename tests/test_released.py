@@ -320,6 +320,13 @@ def test_shadows_must_cover_every_parameter_when_the_ema_is_taken(tmp_path):
         released_tokenizer(tmp_path / "x.ckpt", preset, **overrides)
     assert "no EMA shadow for 1 parameters (encoder.conv_in.weight)" in one_line_error(excinfo)
     released_tokenizer(tmp_path / "x.ckpt", preset, ema=False, **overrides)  # the live weights are complete
+    flat = lightning(weights("lfq"), weights("lfq"))
+    flat["model_ema.lossperceptual_lossnetslice10weight"] = torch.zeros(1)  # a filtered-out loss key's shadow: skipped
+    flat["model_ema.encoderextraweight"] = torch.zeros(1)
+    torch.save({"state_dict": flat}, tmp_path / "y.ckpt")
+    with pytest.raises(ValueError) as excinfo:
+        released_tokenizer(tmp_path / "y.ckpt", preset, **overrides)
+    assert "EMA shadows without a live weight of the same name: model_ema.encoderextraweight" in one_line_error(excinfo)
 
 
 def test_a_rope_table_in_the_file_must_match_the_grid(tmp_path):

@@ -215,7 +215,10 @@ def _apply_ema(flat: dict[str, Tensor], ema: bool, source: str) -> tuple[dict[st
     if not ema:
         return live, "live weights (model_ema shadows left)", skipped, set()
     by_dotless = {k.replace(".", ""): k for k in live}
-    orphans = [f"{EMA_PREFIX}{s}" for s in shadows if s not in by_dotless]
+    # a loss module's shadows may outlive its live keys (filtered out of some state dicts): training-only too
+    orphans = [f"{EMA_PREFIX}{s}" for s in shadows if s not in by_dotless and not s.startswith("loss")]
+    skipped += sum(s not in by_dotless for s in shadows) - len(orphans)
+    shadows = {k: v for k, v in shadows.items() if k in by_dotless}
     if orphans:
         raise ValueError(f"has EMA shadows without a live weight of the same name: {', '.join(orphans[:SHOWN])}")
     out = dict(live)
