@@ -372,6 +372,11 @@ def test_convert_writes_a_model_directory_every_command_loads(tmp_path, capsys):
     ref = io("lfq")
     with torch.no_grad():
         assert rel_err(tok(ref["images"]).reconstruction, ref["reconstruction"]) < 1e-5
+    assert main(["convert", str(tmp_path / "pretrain.ckpt"), "--preset", preset, *_override_args(overrides),
+                 "--out", str(tmp_path / "live"), "--live"]) == 0
+    assert "took the live weights" in capsys.readouterr().out
+    live = gear.load_tokenizer(tmp_path / "live")
+    assert torch.equal(live.state_dict()["encoder.conv_in.weight"], drifted(ema)["encoder.conv_in.weight"])
     # nothing already saved is overwritten; bad keys are one-line errors
     before = (out / "model.safetensors").read_bytes()
     assert main(["convert", str(tmp_path / "pretrain.ckpt"), "--preset", preset, *_override_args(overrides),

@@ -53,8 +53,8 @@ class ReleasedWeights:
     """A released file's weights under this project's parameter names, and where they came from."""
 
     state: dict[str, Tensor]
-    layout: str   # e.g. "Lightning checkpoint (state_dict with model_ema shadows)"
-    source: str   # which weights: "EMA shadows", "live weights", "'vq_ema'", ...
+    layout: str   # e.g. "Lightning checkpoint (state_dict) with model_ema shadows, taming parameter names"
+    source: str   # which weights: "EMA shadows (model_ema.*)", "EMA weights under 'vq_ema'", "live weights", ...
     skipped: int  # keys that are not part of the model (loss modules, EMA bookkeeping), EMA shadows aside
     shadowed: frozenset[str] = frozenset()  # keys whose value is a model_ema shadow
 
