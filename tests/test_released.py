@@ -16,6 +16,7 @@ import gear
 from gear.cli import main
 from gear.config import load_config
 from gear.models.autoencoder import build_tokenizer
+from gear.models.magvit2 import depth_to_space
 from gear.models.released import read_checkpoint, released_generator, released_tokenizer
 from gear.train.build import generator_from_config, tokenizer_from_config
 
@@ -118,6 +119,17 @@ def test_ibq16_has_four_res_blocks_and_a_256_codebook():
     assert shapes["decoder.conv_blocks.4.res.4.conv2.weight"] == (128, 128, 3, 3)
     assert shapes["quant_conv.weight"] == (256, 256, 1, 1) and shapes["quantize.embedding.weight"] == (16384, 256)
     assert "encoder.conv_blocks.0.res.4.conv1.weight" not in shapes
+
+
+def test_depth_to_space_is_channel_major_not_pixel_shuffle():
+    c = 3
+    x = torch.randn(2, 4 * c, 5, 6)
+    y = depth_to_space(x, 2)
+    assert y.shape == (2, c, 10, 12)
+    for i in range(2):
+        for j in range(2):  # input channel (i * 2 + j) * C + c lands at row offset i, column offset j
+            assert torch.equal(y[:, :, i::2, j::2], x[:, (i * 2 + j) * c:(i * 2 + j + 1) * c])
+    assert not torch.equal(y, torch.nn.functional.pixel_shuffle(x, 2))
 
 
 # --- numerics against the official classes ------------------------------------------------
