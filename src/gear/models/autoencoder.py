@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gear.files import load_tensors
 from gear.models.pretrained import Pretrained
 from gear.models.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
 
@@ -315,7 +316,7 @@ def load_llamagen_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
     Load into ``build_tokenizer("vq-16")`` with ``load_state_dict``.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensors(path, "tokenizer checkpoint")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors")
     for key in ("ema", "model", "state_dict"):
