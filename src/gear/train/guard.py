@@ -55,9 +55,8 @@ class StepGuard:
     def check(self, metrics: list[dict[str, Tensor]], stop: bool, bad_samples: int, device: torch.device) -> Verdict:
         values = [v.detach().float().reshape(()) for ms in metrics for v in ms.values()]
         finite = torch.stack(values).isfinite().all() if values else torch.ones((), dtype=torch.bool, device=device)
-        flags = torch.stack([(~finite).float().to(device), torch.tensor(float(stop), device=device),
-                             torch.tensor(float(bad_samples), device=device)])
-        skip, stop_any, samples = all_reduce_sum(flags).tolist()
+        flags = torch.cat([(~finite).float().reshape(1).to(device), torch.tensor([float(stop), float(bad_samples)]).to(device)])
+        skip, stop_any, samples = all_reduce_sum(flags).tolist()  # the iteration's one host synchronization
         verdict = Verdict(skip=skip > 0, stop=stop_any > 0, bad_samples=int(samples))
         if verdict.skip:
             verdict.bad_term, verdict.bad_value = _first_non_finite(metrics)
