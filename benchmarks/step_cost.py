@@ -54,7 +54,7 @@ from gear.models.sampling import generate, sample_logits
 from gear.train import steps
 from gear.train.build import generator_from_config, tokenizer_from_config
 from gear.train.loop import tap_layer
-from gear.train.steps import Modules, StepConfig, Updater, ar_step, gear_step, tokenizer_terms, update_tokenizer
+from gear.train.steps import Modules, StepConfig, Updater, apply_all, ar_step, gear_step, tokenizer_terms, update_tokenizer
 
 
 @dataclass(frozen=True)
@@ -204,17 +204,20 @@ def make_pieces(b: Bench, ks: tuple[int, ...], marginal: bool) -> dict[str, Call
     def frozen():
         with b.autocast():
             ar_step(m, b.opts, sc, images, labels, target)
+        b.opts["generator"].apply()
 
     def tok(cfg: StepConfig):
         def run():
             with b.autocast():
                 update_tokenizer(m, b.opts["tokenizer"], cfg, images, labels, target, m.tokenizer(images))
+            b.opts["tokenizer"].apply()
         return run
 
     def joint(cfg: StepConfig):
         def run():
             with b.autocast():
                 gear_step(m, b.opts, cfg, images, labels, target)
+            apply_all(b.opts)
         return run
 
     def soft(cfg: StepConfig, dense_top_k: bool = False):

@@ -9,7 +9,7 @@ import torch
 from helpers import batch, step_cfg, tiny_modules
 
 from gear.models.gpt import build_generator
-from gear.train.steps import Updater, gear_step, generator_terms, tokenizer_terms, update_tokenizer
+from gear.train.steps import Updater, apply_all, gear_step, generator_terms, tokenizer_terms, update_tokenizer
 
 GRID = 8
 
@@ -99,20 +99,24 @@ def test_joint_step_ar_update_leaves_the_tokenizer_untouched(modules):
             "generator": Updater(torch.optim.SGD(ar_params, lr=0.1), ar_params, 0.0)}
     snapshot = {}
 
-    original = opts["generator"].step
+    original = opts["generator"].backward
 
-    def record_then_step(loss):
+    def record_then_backward(loss):
         snapshot.update({id(p): (p.detach().clone(), None if p.grad is None else p.grad.clone()) for p in tok_params})
         return original(loss)
 
-    opts["generator"].step = record_then_step
+    opts["generator"].backward = record_then_backward
     before_ar = [p.detach().clone() for p in ar_params]
     gear_step(m, opts, step_cfg(), images, labels, m.teacher(images, GRID))
     for p in tok_params:
         value, grad = snapshot[id(p)]
         assert torch.equal(p, value) and (grad is None) == (p.grad is None)
         assert grad is None or torch.equal(grad, p.grad)
+    assert all(torch.equal(a, b) for a, b in zip(before_ar, ar_params)), "no optimizer steps before apply_all"
+    tok_grads = [p.grad.clone() for p in tok_params if p.grad is not None]
+    apply_all(opts)
     assert any(not torch.equal(a, b) for a, b in zip(before_ar, ar_params)), "the AR update must train the AR"
+    assert tok_grads and all(torch.equal(g, p.grad) for g, p in zip(tok_grads, [p for p in tok_params if p.grad is not None]))
 
 
 def test_soft_branch_runs_the_ar_in_eval_mode_with_labels_kept(modules):

@@ -89,6 +89,32 @@ def test_sample_rejects_a_mismatched_tokenizer_and_generator(stages, tmp_path, c
     assert "mismatched tokenizer and generator" in capsys.readouterr().err
 
 
+def exit_status(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse's own errors
+        return stop.code
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cfg-scale", "-1"], "argument --cfg-scale: must be >= 0.0, got -1"),
+        (["--classes", "42"], "--classes 42: this generator has classes 0..9"),
+        (["--classes", "0,x"], "argument --classes: expected comma-separated class ids"),
+        (["--per-class", "0"], "argument --per-class: must be >= 1, got 0"),
+        (["--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+        (["--temperature", "0"], "argument --temperature: must be > 0.0, got 0"),
+    ],
+)
+def test_sample_rejects_out_of_range_values_in_one_line(stages, tmp_path, capsys, args, message):
+    out = tmp_path / "x.png"
+    assert exit_status(["sample", str(stages[2]), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gear sample: error: {message}") and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_resume_is_exact(tmp_path):
     """4 steps in one go == 2 steps, a restart from the checkpoint, 2 more (same parameters on CPU)."""
     extra = ["model.tokenizer_init=", "loss.perceptual_weight=0"]  # a fresh tokenizer; GAN, EMA, dropout all on

@@ -1,4 +1,9 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | convert."""
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | convert.
+
+Errors end in one line on stderr, `gear CMD: error: ...`: exit status 2 when the input is wrong (arguments,
+config, files), 1 when the run failed on its own (it diverged, the disk is full); a run stopped by SIGTERM or
+SIGINT exits 0 once its checkpoint is written.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,40 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `gear sample: error: argument --cfg-scale: must be >= 0, got -1.0`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def at_least(low: float, kind: type = int, strict: bool = False):
+    """An argparse type: a number >= low (> low when ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if not (value > low if strict else value >= low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    return parse
+
+
+def class_ids(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class ids such as 0,3,7, got {text!r}") from None
+
+
+def unit_interval(text: str) -> float:
+    value = at_least(0.0, float, strict=True)(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
 
 
 def _count_on_meta(build, name: str) -> int:
@@ -43,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(dry_run(cfg))
         return
     summary = Trainer(cfg, resume=args.resume).fit()
-    _print_summary(summary)
+    _print_summary(summary, "train")
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
@@ -55,11 +94,15 @@ def cmd_resume(args: argparse.Namespace) -> None:
     config = Path(args.run_dir) / "config.yaml"
     cfg = load_config(config, args.overrides)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(args.run_dir)))
-    _print_summary(Trainer(cfg, resume=True).fit())
+    _print_summary(Trainer(cfg, resume=True).fit(), "resume")
 
 
-def _print_summary(summary) -> None:
+def _print_summary(summary, command: str) -> None:
     if summary is None:
+        return
+    if summary.stopped_by:
+        print(f"gear {command}: stopped by {summary.stopped_by} at step {summary.step} with its checkpoint written; "
+              f"continue with `gear resume {summary.run_dir}`")
         return
     keys = [k for k in summary.metrics if k.endswith("loss") or k.startswith("codebook/")]
     print(f"{summary.run_dir}: step {summary.step} in {summary.seconds:.0f} s; "
@@ -74,10 +117,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
     gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
     check_pair(tok, gen)
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(min(10, gen.config.num_classes)))
+    classes = args.classes or list(range(min(10, gen.config.num_classes)))
     bad = [c for c in classes if not 0 <= c < gen.config.num_classes]
     if bad:
-        raise SystemExit(f"gear sample: classes {bad} are outside 0..{gen.config.num_classes - 1}")
+        raise ValueError(f"--classes {','.join(map(str, bad))}: this generator has classes 0..{gen.config.num_classes - 1}")
     labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
     indices = gen.generate(labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, seed=args.seed)
@@ -112,7 +155,7 @@ def _run_image_size(run_dir: str) -> int:
 
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
-        raise SystemExit(f"gear reconstruct: {config} not found; pass --size")
+        raise FileNotFoundError(f"{config} not found; pass --size")
     return load_config(config).data.image_size
 
 
@@ -182,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gear.config import EvalConfig
 
     cfg_scale = EvalConfig().cfg_scale
-    p = argparse.ArgumentParser(prog="gear", description="GEAR: joint VQ tokenizer + autoregressive generator training")
+    p = Parser(prog="gear", description="GEAR: joint VQ tokenizer + autoregressive generator training")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("presets", help="list tokenizer and generator presets with parameter counts")
@@ -202,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="class-conditional sample grid from a run directory")
     s.add_argument("run_dir")
-    s.add_argument("--classes", default="", help="comma-separated class ids (default: the first up to 10)")
-    s.add_argument("--per-class", type=int, default=8)
-    s.add_argument("--cfg-scale", type=float, default=cfg_scale)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--classes", type=class_ids, default=[], help="comma-separated class ids (default: the first up to 10)")
+    s.add_argument("--per-class", type=at_least(1), default=8)
+    s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale, help="1 = no guidance, 0 = unconditional")
+    s.add_argument("--temperature", type=at_least(0.0, float, strict=True), default=1.0)
+    s.add_argument("--top-k", type=at_least(0), default=0, help="0 = off")
+    s.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0 = off")
+    s.add_argument("--seed", type=at_least(0), default=0)
     s.add_argument("--live", action="store_true", help="use the live weights instead of the EMA")
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default="samples.png")
@@ -218,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("images", nargs="+")
     s.add_argument("--out", default="reconstructions")
-    s.add_argument("--size", type=int, default=0, help="image size (default: the run's data.image_size)")
+    s.add_argument("--size", type=at_least(0), default=0, help="image size (default: the run's data.image_size)")
     s.add_argument("--live", action="store_true")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_reconstruct)
@@ -226,12 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="metrics of a run: gen (FID, precision/recall, class accuracy) or recon (rFID, PSNR, SSIM)")
     s.add_argument("what", choices=["gen", "recon"])
     s.add_argument("run_dir")
-    s.add_argument("--num", type=int, default=1000, help="samples / held-out images (Inception: ~4 images/s on 2 CPU cores)")
-    s.add_argument("--cfg-scale", type=float, default=cfg_scale)
+    s.add_argument("--num", type=at_least(2), default=1000, help="samples / held-out images (Inception: ~4 images/s on 2 CPU cores)")
+    s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale)
     s.add_argument("--feature", choices=["inception", "classifier"], default="inception",
                    help="inception: the standard FID network; classifier: the Fashion-MNIST reference classifier (fast)")
-    s.add_argument("--batch-size", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=at_least(1), default=50)
+    s.add_argument("--seed", type=at_least(0), default=0)
     s.add_argument("--npz", default=None, help="also write the samples as an ADM-evaluator .npz (uint8 NHWC, arr_0)")
     s.add_argument("--cache-dir", default=None, help="where reference statistics and the classifier are cached "
                    "(default $GEAR_CACHE or ~/.cache/gear)")
@@ -260,14 +303,35 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from gear.config import ConfigError
+    from gear.train.guard import RunStopped
 
     try:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"gear {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(args.command, one_line(err), 2)
+    except (RunStopped, OSError) as err:  # the run failed: diverged, disk full, permissions
+        return _fail(args.command, one_line(err), 1)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", 130)
     return 0
+
+
+def _fail(command: str, message: str, status: int) -> int:
+    print(f"gear {command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error; for an error re-raised from a DataLoader worker, the original's last line."""
+    text = str(err).strip()
+    if isinstance(err, OSError) and err.filename and not text.startswith("cannot write"):
+        return f"{err.filename}: {err.strerror or text}"
+    if not text:
+        return type(err).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:  # torch.utils.data's ExceptionWrapper
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 500
     checkpoint_every: int = 500
+    keep_checkpoints: int = 1                    # step-numbered checkpoints kept besides checkpoints/last.pt (resume falls back on them)
+    max_bad_steps: int = 10                      # a non-finite loss or gradient norm skips the update; this many in a row stop the run
     out_dir: str = "runs/default"
     progress: bool = True
     cache_teacher_features: bool = False         # keep teacher features per image in memory (data without augmentation)
@@ -144,8 +146,9 @@ def validate(cfg: Config) -> None:
     _check(t.parallel in ("ddp", "fsdp"), "train.parallel", f"must be ddp or fsdp, got {t.parallel!r}")
     _check(not (t.parallel == "fsdp" and t.compile), "train.compile",
            "is not supported with train.parallel=fsdp yet: use train.parallel=ddp, or train.compile=false")
-    for key in ("log_every", "sample_every", "checkpoint_every"):
+    for key in ("log_every", "sample_every", "checkpoint_every", "max_bad_steps"):
         _check(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", "must be >= 0 (0 = only checkpoints/last.pt)")
     a = cfg.align
     _check(a.temperature > 0, "align.temperature", "must be > 0")
     _check(a.tap_layer >= 0, "align.tap_layer", "is 1-based (0 = n_layer // 3) and must be >= 0")

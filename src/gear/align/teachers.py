@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gear.files import load_tensors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -113,7 +115,7 @@ def load_efficientnet_lite(name: str = "efficientnet-lite0", weights_path: str |
         raise FileNotFoundError(f"{weights_path} not found: pass the path of the {name} .pth weights file")
     # image_size=None: padding is computed from each input's size, so any resolution is handled exactly.
     model = EfficientNet.from_name(name, image_size=None)
-    state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    state = load_tensors(weights_path, "teacher weights")
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
 
@@ -299,7 +301,7 @@ def _load_dinov2_hub(repo: Path, weights: Path | None, entrypoint: str) -> DinoV
 
         state = load_file(str(weights))
     else:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_tensors(weights, "teacher weights")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

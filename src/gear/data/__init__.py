@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from gear.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSamples
 from gear.data.fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST, read_idx
 from gear.data.image_folder import CROPS, ImageFolder
 from gear.data.transforms import Sample, generator_for, save_image_grid, to_uint8_image
@@ -30,6 +31,9 @@ class DataConfig:
     num_workers: int = 0
     random_flip: bool = True  # imagefolder train split: horizontal flip with p = 0.5
     crop: str = "resize"  # imagefolder: "resize" (short-side bicubic) | "adm" (box halving first, as ADM)
+    # An image that cannot be decoded: "stop" names it and stops; "skip" trains on the next readable one instead
+    # (deterministic, listed in the run's bad_samples.jsonl). Fashion-MNIST is checked whole when it is read.
+    on_bad_sample: str = "stop"
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
@@ -41,6 +45,8 @@ class DataConfig:
             )
         if self.crop not in CROPS:
             raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
+        if self.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
 
 
 def build_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> Dataset:
@@ -62,11 +68,12 @@ def build_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> Datas
             random_flip=cfg.random_flip,
             crop=cfg.crop,
             limit=limit,
+            on_bad_sample=cfg.on_bad_sample,
         )
     raise ValueError(f"unknown data set {cfg.name!r}; valid names: {NAMES}")
 
 
 __all__ = [
-    "CLASSES", "DEFAULT_ROOT", "DataConfig", "FashionMNIST", "ImageFolder", "Sample",
+    "CLASSES", "DEFAULT_ROOT", "BadSample", "BadSamples", "DataConfig", "FashionMNIST", "ImageFolder", "Sample",
     "build_dataset", "generator_for", "read_idx", "save_image_grid", "to_uint8_image",
 ]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from gear.data.bad_samples import BadSample, BadSamples
 from gear.data.transforms import Sample, center_crop, generator_for, hflip, random_crop, resize_short_side, to_tensor_minus1_1
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -41,13 +42,20 @@ def find_images(directory: Path, extensions: tuple[str, ...]) -> list[Path]:
     return found
 
 
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image fully as RGB; a file PIL cannot read raises ValueError naming it."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return _decode_rgb(path)
+    except DECODE_ERRORS as err:
         raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file") from None
+
+
+def _decode_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 class ImageFolder(Dataset):
@@ -56,7 +64,9 @@ class ImageFolder(Dataset):
     train: short-side resize (bicubic) to ``image_size``, random ``image_size`` crop, horizontal flip with
     probability 0.5 (if ``random_flip``). eval: the same resize, then a center crop. ``crop="adm"`` adds the ADM
     box-filter halving before the resize (eval then equals ``center_crop_arr``, the preprocessing of the
-    ImageNet FID reference batches). ``limit`` keeps the first ``limit`` files in sorted order.
+    ImageNet FID reference batches). ``limit`` keeps the first ``limit`` files in sorted order. A file that cannot
+    be decoded stops with its name (``on_bad_sample="stop"``) or is replaced by the next readable one ("skip",
+    see ``gear.data.bad_samples``).
     """
 
     def __init__(
@@ -69,6 +79,7 @@ class ImageFolder(Dataset):
         random_flip: bool = True,
         crop: str = "resize",
         limit: int | None = None,
+        on_bad_sample: str = "stop",
     ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -91,6 +102,7 @@ class ImageFolder(Dataset):
             self.samples += [(f, self.class_to_idx[name]) for f in files]
         self.samples = self.samples[:limit]
         self.epoch = 0
+        self.bad_samples = BadSamples(on_bad_sample, self._load_at_epoch, len(self.samples))
 
     @property
     def num_classes(self) -> int:
@@ -107,8 +119,12 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         index = int(index)
-        generator = generator_for(self.seed, self.epoch, index) if self.train else None
-        return self.load(index, generator)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
+        return self.bad_samples.read(index)
+
+    def _load_at_epoch(self, index: int) -> Sample:
+        return self.load(index, generator_for(self.seed, self.epoch, index) if self.train else None)
 
     def load(self, index: int, generator: torch.Generator | None = None) -> Sample:
         """Item ``index`` with its random crop / flip drawn from ``generator`` (train), or deterministic (eval)."""
@@ -117,7 +133,11 @@ class ImageFolder(Dataset):
         if self.train and generator is None:
             raise ValueError("a train ImageFolder needs a generator for its random crop; use dataset[index]")
         path, label = self.samples[index]
-        image = resize_short_side(load_rgb(path), self.image_size, box_prereduce=self.crop == "adm")
+        try:
+            image = _decode_rgb(path)
+        except DECODE_ERRORS as err:
+            raise BadSample(str(path), f"{type(err).__name__}: {err}") from None
+        image = resize_short_side(image, self.image_size, box_prereduce=self.crop == "adm")
         pixels = np.asarray(image)
         if self.train:
             pixels = random_crop(pixels, self.image_size, generator)

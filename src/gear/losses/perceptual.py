@@ -22,6 +22,7 @@ from gear.align.teachers import (
     imagenet_normalize,
     load_efficientnet_lite,
 )
+from gear.files import load_tensors
 
 
 def _unit_normalize(feat: Tensor, eps: float = 1e-10) -> Tensor:
@@ -94,7 +95,7 @@ def _load_state(path: str | None, what: str) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_tensors(path, what)
 
 
 class LPIPS(nn.Module):

@@ -51,6 +51,10 @@ class Pretrained:
             state = load_file(str(weights), device=str(map_location))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {weights}: {err}; the file is missing or truncated, re-save the model") from None
+        broken = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if broken is not None:
+            raise ValueError(f"{weights} holds NaN or inf (in {broken}): it was saved from a diverged run; "
+                             "use an earlier checkpoint's weights")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(

@@ -20,7 +20,6 @@ Open-MAGVIT2 and LlamaGen names are this project's own.
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from gear.files import load_tensors
 from gear.models.autoencoder import Tokenizer, build_tokenizer
 from gear.models.gpt import GPT, build_generator
 
@@ -78,16 +78,7 @@ def read_checkpoint(path: str | Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {path} ({_first_line(err)}): the file is truncated or not safetensors") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path} holds Python objects besides tensors and plain containers ({_unsupported(err)}); unpickling it "
-            "could run code, so it was not loaded. If you trust its source, save just its state dict (or a "
-            ".safetensors file) and load that"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path} ({_first_line(err)}): the file is truncated or not a PyTorch checkpoint") from None
+    return load_tensors(path, "checkpoint")
 
 
 def extract(content: Any, kind: str, ema: bool = True, levels: int | None = None) -> ReleasedWeights:
@@ -277,9 +268,3 @@ def _guess(state: dict[str, Tensor]) -> str:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _unsupported(err: BaseException) -> str:
-    """The global that torch's weights_only unpickler refused (e.g. 'argparse.Namespace'), else the first line."""
-    match = re.search(r"GLOBAL (\S+)", str(err))
-    return f"a pickled {match[1]}" if match else _first_line(err)

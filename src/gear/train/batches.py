@@ -8,7 +8,8 @@ ranks equals the one-process batch and a run can resume with a different number 
 
 from __future__ import annotations
 
-from typing import Iterator
+import signal
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -60,11 +61,25 @@ class EpochIndexed(Dataset):
         return self.dataset[i]
 
 
+class StepBatch(NamedTuple):
+    samples: Any             # the collated Sample batch
+    requested: torch.Tensor  # the data-set indices asked for; samples.index differs where a bad item was replaced
+
+
+def _ignore_interrupt(worker_id: int) -> None:
+    # Ctrl-C reaches the whole foreground process group: it is for the trainer, which stops after its step and
+    # then shuts the workers down. (SIGTERM is not ignored: multiprocessing ends workers with it.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def batch_stream(dataset: Dataset, global_batch: int, seed: int, start_step: int, rank: int, world_size: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> Iterator:
+                 num_workers: int = 0, pin_memory: bool = False) -> Iterator[StepBatch]:
     sampler = StepBatchSampler(len(dataset), global_batch, seed, start_step, rank, world_size)
     # A private generator: otherwise creating the iterator draws from the global RNG, and a resumed run's
     # dropout masks would differ from those of an uninterrupted one.
     loader = DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
-    return iter(loader)
+                        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                        worker_init_fn=_ignore_interrupt if num_workers > 0 else None)
+    n = len(dataset)
+    for keys, samples in zip(sampler, loader):  # the sampler is a pure function of the step: the same keys again
+        yield StepBatch(samples, torch.tensor(keys) % n)

@@ -72,3 +72,17 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on any (e.g. rank 0 failed to write a checkpoint)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every process's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

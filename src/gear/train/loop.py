@@ -1,4 +1,4 @@
-"""The training loop shared by all stages: set-up, EMA, logging, sample grids, checkpoints, resume."""
+"""The training loop shared by all stages: set-up, EMA, logging, checkpoints, resume (grids: previews.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,17 +21,22 @@ from gear.align.repa import Projector
 from gear.align.teachers import build_teacher
 from gear.config import Config, save_config
 from gear.data import build_dataset
-from gear.data.transforms import save_image_grid
+from gear.data.bad_samples import substitutions
+from gear.files import WriteError
 from gear.losses.discriminator import PatchGANDiscriminator
 from gear.losses.perceptual import build_perceptual_loss
 from gear.train import checkpoint as ckpt
-from gear.train import sharding
+from gear.train import previews, sharding
+from gear.train.bad_data import BadSampleLog
 from gear.train.batches import batch_stream
 from gear.models.autoencoder import Tokenizer
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
-from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, setup_distributed
+from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_process, setup_distributed
 from gear.train.ema import EMA
-from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater
+from gear.train.guard import Diverged, RunStopped, StepGuard, Verdict, first_non_finite_tensor
+from gear.train.preemption import StopSignals
+from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, apply_all
+from gear.train.targets import TeacherTargets
 
 
 @dataclass
@@ -40,6 +46,7 @@ class RunSummary:
     metrics: dict[str, float]
     codebook_usage: float
     seconds: float
+    stopped_by: str = ""     # the signal that stopped the run early (after writing its checkpoint)
 
 
 def tap_layer(cfg: Config, n_layer: int) -> int:
@@ -64,8 +71,7 @@ class Trainer:
         self.dataset = build_dataset(cfg.data, "train", seed=cfg.train.seed)
         self.num_classes = len(self.dataset.classes)
         self.holdout = build_dataset(dataclasses.replace(cfg.data, limit=0), "test")
-        checkpoint = ckpt.checkpoint_path(self.run_dir)
-        if not resume and checkpoint.is_file():
+        if not resume and ckpt.has_checkpoint(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds a run: continue it with --resume (or `gear resume`), "
                              "or choose another train.out_dir")
         self.resume = resume
@@ -80,11 +86,17 @@ class Trainer:
         self.opts = self._build_optimizers()  # after sharding: FSDP replaces the parameters by DTensors
         self.wrapped = self._wrap_for_processes()
         self.step = 0
-        self.teacher_cache: dict[int, Tensor] = {}
+        self.targets = TeacherTargets(self.m.teacher, self.grid, self.device, cache=cfg.train.cache_teacher_features)
         self.fid_classifier = None  # the reference classifier of small_fid, loaded on first use
         self.usage_counts = torch.zeros(self.m.tokenizer.codebook_size, dtype=torch.long, device=self.device)
+        self.guard = StepGuard(cfg.train.max_bad_steps)
+        self.bad_data = BadSampleLog(self.dataset, self.run_dir, self.env.is_main)
+        self.saved_step: int | None = None  # the step of the latest checkpoint
         if resume:
-            self._load(ckpt.load_checkpoint(checkpoint))
+            resumed = ckpt.load_for_resume(self.run_dir)
+            if resumed.note and self.env.is_main:
+                print(resumed.note, file=sys.stderr)
+            self._load(resumed.payload)
 
     # ------------------------------------------------------------------ set-up
 
@@ -214,53 +226,109 @@ class Trainer:
         step_fn = STEPS[self.stage]
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.env.is_main), dynamic_ncols=True,
                    desc=f"{self.stage}")
-        start, last_metrics = time.time(), {}
+        start, last_metrics, stopped_by = time.time(), {}, ""
         window: dict[str, list[Tensor]] = {}
         for module in self.trained.values():
             module.train()
         accum = t.grad_accum_steps
         first_step = self.step
-        while self.step < t.steps:
-            batch = next(stream)
-            # Dropout randomness from (seed, step, rank) alone: resume is exact and ranks draw different masks.
-            torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + self.env.rank)
-            self._set_learning_rates()
-            step_cfg = self.step_config()
-            batch_counts = torch.zeros_like(self.usage_counts)
-            micro_batches = zip(*(x.chunk(accum) for x in (batch.image, batch.label, batch.index)))
-            for micro, (images, labels, index) in enumerate(micro_batches):
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-                with self._no_sync(last=micro == accum - 1), self._autocast():
-                    target = self._teacher_features(images, index)
-                    result = step_fn(self.wrapped, self.opts, step_cfg, images, labels, target)
-                batch_counts += torch.bincount(result.indices.flatten(), minlength=batch_counts.numel())
-                for k, v in result.metrics.items():
-                    window.setdefault(k, []).append(v.float())
-            self.step += 1
-            self.usage_counts += batch_counts
-            for name, ema in self.emas.items():
-                ema.update(self.trained[name])
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.steps:
-                last_metrics = self._log(writer, window, batch_counts)
-                window = {}
-                bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in last_metrics.items() if k.endswith("loss")})
-            if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                self.save()  # first: a failing sample grid must not cost the checkpoint
-            if self.step % t.sample_every == 0 or self.step == t.steps:
-                self.write_grids()
-            if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0 and self.m.generator is not None:
-                self.small_fid(writer)
-        bar.close()
-        if writer is not None:
-            writer.close()
+        try:
+            with StopSignals() as signals:
+                while self.step < t.steps:
+                    try:
+                        batch, requested = next(stream)
+                    except RuntimeError:  # a SIGTERM sent to every process of the job ended the data workers too
+                        if not signals.received:
+                            raise
+                        stopped_by = self._stop_between_steps(signals.received)
+                        break
+                    # Dropout randomness from (seed, step, rank) alone: resume is exact and ranks draw different masks.
+                    torch.manual_seed((t.seed * 1_000_003 + self.step) * 1_009 + self.env.rank)
+                    self._set_learning_rates()
+                    step_cfg = self.step_config()
+                    self.guard.snapshot(list(self.trained.values()))
+                    batch_counts = torch.zeros_like(self.usage_counts)
+                    step_metrics = []
+                    micro_batches = zip(*(x.chunk(accum) for x in (batch.image, batch.label, batch.index)))
+                    for micro, (images, labels, index) in enumerate(micro_batches):
+                        images = images.to(self.device, non_blocking=True)
+                        labels = labels.to(self.device, non_blocking=True)
+                        with self._no_sync(last=micro == accum - 1), self._autocast():
+                            target = self.targets(images, index)
+                            result = step_fn(self.wrapped, self.opts, step_cfg, images, labels, target)
+                        batch_counts += torch.bincount(result.indices.flatten(), minlength=batch_counts.numel())
+                        step_metrics.append(result.metrics)
+                    replaced = substitutions(requested, batch.index)
+                    verdict = self.guard.check(step_metrics, bool(signals.received), len(replaced), self.device)
+                    if verdict.bad_samples:
+                        self.bad_data.record(self.step + 1, replaced)
+                    if verdict.skip:
+                        self._skip(verdict)
+                    else:
+                        self._commit(batch_counts, step_metrics, window)
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        last_metrics = self._log(writer, window, batch_counts)
+                        window = {}
+                        bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in last_metrics.items() if k.endswith("loss")})
+                    if verdict.stop or self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                        self.save()  # first: a failing sample grid must not cost the checkpoint
+                    if verdict.stop:
+                        stopped_by = signals.received or "a stop signal to another process"
+                        break
+                    if self.step % t.sample_every == 0 or self.step == t.steps:
+                        previews.write_grids(self)
+                    if cfg.eval.fid_every and self.step % cfg.eval.fid_every == 0 and self.m.generator is not None:
+                        previews.small_fid(self, writer)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
         summary = RunSummary(self.run_dir, self.step, last_metrics, last_metrics.get("codebook/usage_window", float("nan")),
-                             time.time() - start)
+                             time.time() - start, stopped_by)
         if self.env.is_main and self.step > first_step:
             (self.run_dir / "summary.json").write_text(json.dumps(
-                {"stage": self.stage, "step": summary.step, "seconds": round(summary.seconds, 1), **summary.metrics}, indent=2))
+                {"stage": self.stage, "step": summary.step, "seconds": round(summary.seconds, 1),
+                 "skipped_steps": self.guard.skipped, "skipped_samples": self.bad_data.count, **summary.metrics}, indent=2))
         return summary
+
+    def _stop_between_steps(self, signal_name: str) -> str:
+        """The data loader died with the signal before this step: one process saves its state (that of the end of
+        the last step); several cannot agree on it, as the others may be inside the step."""
+        if self.env.distributed:
+            raise RunStopped(f"step {self.step + 1}: {signal_name} also ended the data loader workers while this process "
+                             f"waited for data; the last checkpoint (step {self.saved_step}) stays: `gear resume {self.run_dir}`")
+        if self.saved_step != self.step:
+            self.save()
+        return signal_name
+
+    def _commit(self, batch_counts: Tensor, step_metrics: list[dict[str, Tensor]], window: dict[str, list[Tensor]]) -> None:
+        """A finite iteration: the optimizers step, then the EMAs; its metrics join the logging window."""
+        apply_all(self.opts)
+        self.guard.passed()
+        self.usage_counts += batch_counts
+        for name, ema in self.emas.items():
+            ema.update(self.trained[name])
+        for metrics in step_metrics:
+            for k, v in metrics.items():
+                window.setdefault(k, []).append(v.float())
+
+    def _skip(self, verdict: Verdict) -> None:
+        """A non-finite iteration: gradients dropped, buffers restored; too many in a row stop the run."""
+        for updater in self.opts.values():
+            updater.discard()
+        self.guard.skip()
+        step, g = self.step + 1, self.guard
+        what = f"{verdict.bad_term} is {verdict.bad_value}" if verdict.bad_term else "a loss of another process is not finite"
+        if g.exhausted:
+            last = f"its last checkpoint (step {self.saved_step}) is" if self.saved_step is not None else "no checkpoint was"
+            raise Diverged(f"step {step}: {what}, {g.in_a_row} steps in a row (train.max_bad_steps={g.max_bad_steps}); "
+                           f"the run stopped and {last} written from finite weights: lower optim.lr or check the data, "
+                           f"then continue with `gear resume {self.run_dir}`")
+        if self.env.is_main:
+            tqdm.write(f"step {step}: {what}: update skipped ({g.in_a_row} in a row, {g.skipped} in all; the run stops "
+                       f"after train.max_bad_steps={g.max_bad_steps} in a row)", file=sys.stderr)
 
     def _set_learning_rates(self) -> None:
         """Linear warm-up over optim.warmup_steps, then constant (a function of the step: nothing to checkpoint)."""
@@ -286,21 +354,6 @@ class Trainer:
         bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda")
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    def _teacher_features(self, images: Tensor, index: Tensor) -> Tensor | None:
-        if self.m.teacher is None:
-            return None
-        if not self.cfg.train.cache_teacher_features:
-            with torch.no_grad():
-                return self.m.teacher(images, self.grid).float()
-        keys = index.tolist()
-        missing = [i for i, k in enumerate(keys) if k not in self.teacher_cache]
-        if missing:
-            with torch.no_grad():
-                feats = self.m.teacher(images[missing], self.grid).float()
-            for i, f in zip(missing, feats):
-                self.teacher_cache[keys[i]] = f.to(torch.float16).cpu()
-        return torch.stack([self.teacher_cache[k] for k in keys]).to(self.device, torch.float32)
-
     # ------------------------------------------------------------------ logging and artefacts
 
     def _writer(self):
@@ -319,6 +372,8 @@ class Trainer:
         metrics["codebook/usage_window"] = (window_counts > 0).float().mean().item()
         p = window_counts.float() / window_counts.sum().clamp_min(1)
         metrics["codebook/perplexity"] = math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+        metrics["train/skipped_steps"] = float(self.guard.skipped)
+        metrics["data/skipped_samples"] = float(self.bad_data.count)
         if writer is not None:
             for k, v in metrics.items():
                 writer.add_scalar(k, v, self.step)
@@ -340,54 +395,13 @@ class Trainer:
         self.sampling_generator.load_state_dict(state)
         return self.sampling_generator
 
-    @torch.no_grad()
-    def write_grids(self) -> None:
-        gen = self.ema_generator()
-        if not self.env.is_main:
-            return
-        tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
-        images = torch.stack([self.holdout[i].image for i in range(8)]).to(self.device)
-        recon = tok.decode(tok.encode(images))
-        pairs = torch.stack([images, recon], dim=1).flatten(0, 1)
-        save_image_grid(pairs.float().cpu(), self.run_dir / "recon" / f"step_{self.step:07d}.png", nrow=8)
-        if gen is None:
-            return
-        e = self.cfg.eval
-        classes = list(e.sample_classes) or list(range(min(10, self.num_classes)))
-        labels = torch.tensor(classes, device=self.device).repeat_interleave(e.samples_per_class)
-        indices = gen.generate(labels, cfg_scale=e.cfg_scale, seed=0)
-        samples = tok.decode(indices)
-        save_image_grid(samples.float().cpu(), self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=e.samples_per_class)
-
-    def small_fid(self, writer) -> dict[str, float]:
-        """FID of eval.fid_samples EMA samples: on the reference classifier's features for Fashion-MNIST (cheap),
-        on Inception features otherwise. Logged as eval/*."""
-        gen = self.ema_generator()
-        if not self.env.is_main:
-            return {}
-        from gear.eval import runs
-
-        e, data = self.cfg.eval, self.cfg.data
-        if data.name == "fashion-mnist" and self.fid_classifier is None:  # built (and its accuracy measured) once
-            self.fid_classifier = runs.reference_classifier(data, device=str(self.device))
-        classifier = self.fid_classifier
-        tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
-        metrics = runs.generation_metrics(tok, gen, data, num=e.fid_samples, cfg_scale=e.cfg_scale,
-                                          feature="classifier" if classifier is not None else "inception",
-                                          classifier=classifier, batch_size=100)
-        logged = {f"eval/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
-        for k, v in logged.items():
-            writer.add_scalar(k, v, self.step)
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **logged}) + "\n")
-        return logged
-
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> None:
         """Checkpoint for resume, plus safetensors model directories for sampling (written by rank 0).
 
-        Under FSDP the shards are gathered first (every rank takes part); the checkpoint holds full tensors."""
+        Under FSDP the shards are gathered first (every rank takes part); the checkpoint holds full tensors.
+        Nothing non-finite is ever written, and a failed write stops every process with the old checkpoint intact."""
         keep = self.env.is_main
         payload = {
             "step": self.step,
@@ -395,11 +409,25 @@ class Trainer:
             "modules": {k: sharding.gather(v.state_dict(), keep) for k, v in self.trained.items()},
             "optimizers": {k: sharding.gather(u.optimizer.state_dict(), keep) for k, u in self.opts.items()},
             "emas": {k: sharding.gather(e.state_dict(), keep) for k, e in self.emas.items()},
+            "guard": {**self.guard.state_dict(), "skipped_samples": self.bad_data.count},
         }
+        failure: RunStopped | None = None
         if keep:
-            ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir), payload)
-            self._export_models(payload)
-        barrier()
+            try:
+                bad = first_non_finite_tensor(payload)
+                if bad:
+                    raise RunStopped(f"step {self.step}: {bad} holds NaN or inf, so no checkpoint was written; "
+                                     f"the last one (step {self.saved_step}) stays")
+                ckpt.save_run_checkpoint(self.run_dir, self.step, payload, self.cfg.train.keep_checkpoints)
+                self._export_models(payload)
+            except WriteError as err:
+                failure = RunStopped(f"step {self.step}: {err}; the run stopped: make room (or fix the permissions), "
+                                     f"then continue with `gear resume {self.run_dir}`")
+            except RunStopped as err:
+                failure = err
+        if any_process(failure is not None, self.device):
+            raise failure or RunStopped(f"step {self.step}: rank 0 could not write the checkpoint (see its error)")
+        self.saved_step = self.step
 
     def _export_models(self, payload: dict) -> None:
         for kind, mod in (("tokenizer", self.m.tokenizer), ("generator", self.m.generator)):
@@ -427,8 +455,10 @@ class Trainer:
                 sharding.load_optimizer_state(u.optimizer, payload["optimizers"][k])
             for k, e in self.emas.items():
                 e.load_state_dict(payload["emas"][k])
+            self.guard.load_state_dict(payload.get("guard", {}))
+            self.bad_data.count = int(payload.get("guard", {}).get("skipped_samples", 0))
         except (RuntimeError, KeyError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise ValueError(f"the checkpoint does not match this config ({first}); resume with the run's own "
                              "config.yaml") from None
-        self.step = int(payload["step"])
+        self.step = self.saved_step = int(payload["step"])

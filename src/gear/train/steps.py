@@ -3,9 +3,12 @@
     theta_tok <- theta_tok - eta * grad( L_VQ  + lambda_tok * L_align(soft) )
     theta_AR  <- theta_AR  - eta * grad( L_NTP + lambda_AR  * L_align(hard) )
 
-Each ``update_*`` function computes one loss and steps one optimizer; ``gear_step`` composes them in the
-paper's order. Nothing here knows about logging or checkpoints; under DDP, modules used frozen are
-unwrapped (``unwrap``) so that only the update that trains a module goes through its wrapper.
+Each ``update_*`` function computes one loss and its gradient for one optimizer; ``gear_step`` composes them in
+the paper's order. The optimizers step together afterwards (``apply_all``), once the trainer has checked that
+every loss and gradient norm is finite: the updates read only this iteration's tokenizer output, so stepping
+them at the end gives the same numbers as stepping each right after its backward. Nothing here knows about
+logging or checkpoints; under DDP, modules used frozen are unwrapped (``unwrap``) so that only the update that
+trains a module goes through its wrapper.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from gear.models.quantizers import soft_assignment
 
 @dataclass
 class Updater:
-    """An optimizer with its parameters and clip norm: ``step(loss)`` = zero, backward, clip, step.
+    """An optimizer with its parameters and clip norm. ``backward(loss)`` adds the loss's gradient; ``apply()``
+    steps the optimizer and ``discard()`` drops the gradient. The trainer calls one of them once every loss and
+    gradient norm of the iteration is known to be finite (``gear.train.guard``).
 
-    With ``accumulate = n`` the first n - 1 calls only add ``grad(loss) / n``; the n-th also clips and steps.
+    With ``accumulate = n`` the first n - 1 calls of ``backward`` only add ``grad(loss) / n``; the n-th also clips.
     """
 
     optimizer: torch.optim.Optimizer
@@ -40,8 +45,8 @@ class Updater:
     accumulate: int = 1
     _calls: int = field(default=0, init=False, repr=False)
 
-    def step(self, loss: Tensor) -> Tensor | None:
-        """Returns the gradient norm before clipping when the optimizer stepped, else None."""
+    def backward(self, loss: Tensor) -> Tensor | None:
+        """Returns the gradient norm before clipping once the last micro-batch is in, else None."""
         if self._calls == 0:
             self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(loss.device.type, enabled=False):  # backward runs outside the forward's autocast
@@ -51,8 +56,20 @@ class Updater:
             return None
         self._calls = 0
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
         return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over all shards
+
+    def apply(self) -> None:
+        self.optimizer.step()
+
+    def discard(self) -> None:
+        self._calls = 0
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def apply_all(opts: dict[str, Updater]) -> None:
+    """Step every optimizer of an iteration (the trainer does this after checking the losses)."""
+    for updater in opts.values():
+        updater.apply()
 
 
 @dataclass
@@ -201,7 +218,7 @@ def update_tokenizer(m: Modules, opt: Updater, cfg: StepConfig, images, labels, 
     with frozen(unwrap(m.generator), unwrap(m.projector)):
         terms = tokenizer_terms(m, cfg, images, labels, target, out)
         loss = sum(terms.values())
-        norm = opt.step(loss)
+        norm = opt.backward(loss)
     metrics = {f"tok/{k}": v.detach() for k, v in terms.items()}
     metrics["tok/loss"] = loss.detach()
     return _with_norm(metrics, "grad_norm/tokenizer", norm)
@@ -221,7 +238,7 @@ class DiscriminatorHinge(nn.Module):
 def update_discriminator(m: Modules, opt: Updater, images: Tensor, reconstruction: Tensor) -> dict[str, Tensor]:
     """Hinge loss on real images vs the detached reconstruction."""
     loss = m.discriminator_loss(images, reconstruction.detach())
-    return _with_norm({"disc/loss": loss.detach()}, "grad_norm/discriminator", opt.step(loss))
+    return _with_norm({"disc/loss": loss.detach()}, "grad_norm/discriminator", opt.backward(loss))
 
 
 def update_generator(m: Modules, opt: Updater, cfg: StepConfig, indices: Tensor, labels, target) -> dict[str, Tensor]:
@@ -232,7 +249,7 @@ def update_generator(m: Modules, opt: Updater, cfg: StepConfig, indices: Tensor,
     if "align_ar" in terms:
         metrics["ar/align_cos"] = -terms["align_ar"].detach() / cfg.lambda_ar
     metrics["ar/loss"] = loss.detach()
-    return _with_norm(metrics, "grad_norm/generator", opt.step(loss))
+    return _with_norm(metrics, "grad_norm/generator", opt.backward(loss))
 
 
 def _with_norm(metrics: dict[str, Tensor], key: str, norm: Tensor | None) -> dict[str, Tensor]:
