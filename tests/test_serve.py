@@ -11,6 +11,7 @@ import socket
 
 import numpy as np
 import pytest
+from helpers import tiny_runs
 from PIL import Image
 
 from gear.cli import main
@@ -29,25 +30,10 @@ pytestmark = pytest.mark.skipif(
     not (resolve_root() / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST idx files not installed"
 )
 
-TINY = [
-    "data.limit=32", "train.batch_size=8", "train.log_every=1", "train.progress=false", "train.ema_decay=0.9",
-    "align.projector_dim=64", "eval.samples_per_class=1", "eval.sample_classes=[0]", "train.steps=2",
-    "train.sample_every=2", "train.checkpoint_every=2",
-]
-
-
-def tiny_run(root):
-    """A 2-step tokenizer run and a 2-step AR run on it (the AR run holds both models)."""
-    tok, ar = root / "tok", root / "ar"
-    assert main(["train", "configs/fmnist-tokenizer.yaml", *TINY, f"train.out_dir={tok}",
-                 "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}"]) == 0
-    assert main(["train", "configs/fmnist-ar.yaml", *TINY, f"train.out_dir={ar}", f"model.tokenizer_init={tok}"]) == 0
-    return tok, ar
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return tiny_run(tmp_path_factory.mktemp("runs"))
+    return tiny_runs(tmp_path_factory.mktemp("runs"))
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +128,7 @@ def test_the_running_page_samples_and_reports_bad_input(runs, explorer, tmp_path
     demo = build_app(explorer)
     assert demo.analytics_enabled is False
     port = free_port()
-    launch(demo, "127.0.0.1", port, block=False)
+    launch(demo, "127.0.0.1", port)
     try:
         url = f"http://127.0.0.1:{port}/"
         import urllib.request

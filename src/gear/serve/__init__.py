@@ -37,9 +37,8 @@ def serve(run_dir: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, devi
     except ImportError as err:
         raise ImportError(f"gear serve needs gradio ({err}): pip install -e '.[serve]' or run `make serve`") from None
     demo = build_app(explorer)
-    if not block:
-        launch(demo, host, port, block=False)
-        return demo
-    print(f"serving {run_dir} on http://{host}:{port} (Ctrl+C to stop)")
-    launch(demo, host, port, block=True)
+    launch(demo, host, port)
+    if block:
+        print(f"serving {run_dir} on http://{host}:{port} (Ctrl+C to stop)", flush=True)
+        demo.block_thread()  # until Ctrl+C, then closes the server
     return demo

@@ -88,7 +88,7 @@ def _panel_update(panel: Panel):
 
 def build_app(explorer: RunExplorer) -> gr.Blocks:
     with gr.Blocks(title=f"gear: {explorer.run_dir}", analytics_enabled=False) as demo:
-        gr.Markdown(f"## gear · `{html.escape(explorer.run_dir)}`\n{explorer.description()}")
+        gr.Markdown(f"## gear · `{explorer.run_dir}`\n{explorer.description()}")
         with gr.Tabs():
             if explorer.kind == "class":
                 _sample_tab(explorer)
@@ -185,8 +185,7 @@ def _curves_tab(explorer: RunExplorer, demo: gr.Blocks) -> None:
     timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
 
 
-def launch(demo: gr.Blocks, host: str, port: int, block: bool = True):
-    """Serve on host:port (no share link, errors shown on the page); returns once stopped, or at once if not block."""
-    return demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
-                       prevent_thread_lock=not block, quiet=not block, theme=theme(), css=CSS,
-                       footer_links=["api", "settings"])
+def launch(demo: gr.Blocks, host: str, port: int) -> None:
+    """Start serving on host:port in the background (no share link, errors shown on the page); demo.close() stops."""
+    demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
+                prevent_thread_lock=True, quiet=True, theme=theme(), css=CSS, footer_links=["api", "settings"])
