@@ -108,6 +108,7 @@ def test_curves_from_metrics_jsonl(explorer, tmp_path):
     (([1], 2, 1.5, 1.0, 100_000, 1.0, 0), "top-k must be in 0..512"),
     (([1], 2, 1.5, 1.0, 0, 0.0, 0), "top-p must be in (0, 1]"),
     (([1], 2, 1.5, 1.0, 0, 1.0, -3), "seed must be >= 0"),
+    (([1], 2, 1.5, 1.0, 0, 1.0, 2**64), "seed must be >= 0 and < 2\\*\\*63"),
     ((list(range(10)), 17, 1.5, 1.0, 0, 1.0, 0), "more than the page draws at once"),
 ])
 def test_bad_sampling_settings_name_the_field(explorer, values, message):
@@ -127,6 +128,9 @@ def test_the_running_page_samples_and_reports_bad_input(runs, explorer, tmp_path
 
     demo = build_app(explorer)
     assert demo.analytics_enabled is False
+    fns = {f.api_name: f for f in demo.fns.values()}
+    assert fns["generate"].concurrency_id == fns["reconstruct"].concurrency_id  # one model call at a time
+    assert fns["generate"].concurrency_limit == 1
     port = free_port()
     launch(demo, "127.0.0.1", port)
     try:

@@ -59,8 +59,8 @@ class SampleSettings:
             raise ValueError(f"top-k must be in 0..{gen.config.vocab_size} (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be >= 0 and < 2**63, got {self.seed}")
 
     def command(self, run_dir: str, out: str = "samples.png") -> str:
         """The `gear sample` line that draws the same grid."""

@@ -22,7 +22,7 @@ from gear.serve.explorer import MAX_IMAGES, Reconstruction, RunExplorer  # noqa:
 MODELS = "models"  # concurrency id shared by every event that runs the tokenizer or the generator
 REFRESH_SECONDS = 30  # the curves reload themselves while a run is still training
 CSS = """
-.pixelated img { image-rendering: pixelated; }
+.pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 .token-map { display: grid; gap: 1px; width: max-content; font: 11px ui-monospace, monospace; }
 .token-map span { display: flex; align-items: center; justify-content: center; color: #111; }
 """
@@ -62,7 +62,7 @@ def settings_from_page(classes, per_class, cfg_scale, temperature, top_k, top_p,
 def token_map_html(r: Reconstruction) -> str:
     """The code indices as a grid of coloured cells, one colour per code."""
     h, w = r.indices.shape
-    cell = max(18, min(40, 360 // w))
+    cell = max(14, min(32, 264 // w))
     cells = "".join(
         f'<span style="background: rgb({c[0]}, {c[1]}, {c[2]}); width: {cell}px; height: {cell}px" '
         f'title="row {i // w}, column {i % w}: code {code}">{code}</span>'
@@ -78,7 +78,7 @@ def summary_markdown(explorer: RunExplorer) -> str:
         return "No `summary.json` yet: the run has not finished a stage."
     rows = [f"| {html.escape(str(k))} | {v:.4g} |" if isinstance(v, float) else f"| {html.escape(str(k))} | {v} |"
             for k, v in summary.items()]
-    return "| summary.json | |\n|---|---|\n" + "\n".join(rows)
+    return "| summary.json | last value |\n|---|---|\n" + "\n".join(rows)
 
 
 def _panel_update(panel: Panel):
@@ -146,10 +146,12 @@ def _reconstruct_tab(explorer: RunExplorer) -> None:
                 button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
                 psnr = gr.Markdown(elem_id="psnr")
             original = gr.Image(label=f"Input ({explorer.image_size} px centre crop)", interactive=False, format="png",
-                                elem_classes=["pixelated"], height=256, elem_id="original")
+                                elem_classes=["pixelated"], height=300, elem_id="original")
             recon = gr.Image(label="Reconstruction", interactive=False, format="png", elem_classes=["pixelated"],
-                             height=256, elem_id="reconstruction")
-        token_map = gr.HTML(label="Token map", elem_id="token-map")
+                             height=300, elem_id="reconstruction")
+            with gr.Column(scale=1, min_width=300):
+                gr.Markdown("Token map: the code index of each token")
+                token_map = gr.HTML(elem_id="token-map")
 
     def reconstruct(path):
         if not path:
@@ -169,11 +171,17 @@ def _reconstruct_tab(explorer: RunExplorer) -> None:
 
 def _curves_tab(explorer: RunExplorer, demo: gr.Blocks) -> None:
     with gr.Tab("Curves", id="curves"):
-        summary = gr.Markdown(elem_id="summary")
-        plots = [gr.LinePlot(x="step", y="value", color="metric", title=title, height=280, visible=False,
-                             elem_id="plot-" + title.lower().replace(" ", "-"))
-                 for title in PANEL_TITLES]
-        reload = gr.Button("Reload", size="sm", elem_id="reload")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                summary = gr.Markdown(elem_id="summary")
+                reload = gr.Button("Reload", size="sm", elem_id="reload")
+            with gr.Column(scale=3):
+                plots = []
+                for start in range(0, len(PANEL_TITLES), 2):  # two plots a row
+                    with gr.Row():
+                        plots += [gr.LinePlot(x="step", y="value", color="metric", title=title, height=260, visible=False,
+                                              elem_id="plot-" + title.lower().replace(" ", "-"))
+                                  for title in PANEL_TITLES[start : start + 2]]
         timer = gr.Timer(REFRESH_SECONDS)
 
     def refresh():
