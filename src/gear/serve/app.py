@@ -13,6 +13,7 @@ import os
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import: no telemetry, no version check
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402  (installed with gradio)
 
 from gear.sample import DEFAULT_PER_CLASS, SampleSettings  # noqa: E402
@@ -161,7 +162,7 @@ def _reconstruct_tab(explorer: RunExplorer) -> None:
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
         h, w = r.indices.shape
-        text = f"**PSNR {r.psnr:.2f} dB** · {h}x{w} tokens, {len(set(r.indices.reshape(-1).tolist()))} distinct codes"
+        text = f"**PSNR {r.psnr:.2f} dB** · {h}x{w} tokens, {len(np.unique(r.indices))} distinct codes"
         return r.original, r.reconstruction, token_map_html(r), text
 
     outputs = [original, recon, token_map, psnr]
