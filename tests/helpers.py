@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from gear.align.repa import Projector
+from gear.cli import main
 from gear.config import load_config
 from gear.models.autoencoder import build_tokenizer
 from gear.models.gpt import build_generator
@@ -49,3 +50,19 @@ def tiny_modules() -> Modules:
 def batch():
     g = torch.Generator().manual_seed(1)
     return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (4,), generator=g)
+
+
+TINY_RUN = [
+    "data.limit=32", "train.batch_size=8", "train.log_every=1", "train.progress=false", "train.ema_decay=0.9",
+    "align.projector_dim=64", "eval.samples_per_class=1", "eval.sample_classes=[0]", "train.steps=2",
+    "train.sample_every=2", "train.checkpoint_every=2",
+]
+
+
+def tiny_runs(root):
+    """A 2-step tokenizer run and a 2-step AR run on its tokenizer (the AR run holds both models), on Fashion-MNIST."""
+    tok, ar = root / "tok", root / "ar"
+    assert main(["train", "configs/fmnist-tokenizer.yaml", *TINY_RUN, f"train.out_dir={tok}",
+                 "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}"]) == 0
+    assert main(["train", "configs/fmnist-ar.yaml", *TINY_RUN, f"train.out_dir={ar}", f"model.tokenizer_init={tok}"]) == 0
+    return tok, ar

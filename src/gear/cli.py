@@ -1,4 +1,4 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | convert.
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | convert | serve.
 
 Errors end in one line on stderr, `gear CMD: error: ...`: exit status 2 when the input is wrong (arguments,
 config, files), 1 when the run failed on its own (it diverged, the disk is full); a run stopped by SIGTERM or
@@ -111,38 +111,30 @@ def _print_summary(summary, command: str) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import gear
-    from gear.data.transforms import save_image_grid
+    from gear.sample import SampleSettings, sample_grid
     from gear.train.build import check_pair
 
     tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
     gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
     check_pair(tok, gen)
-    classes = args.classes or list(range(min(10, gen.config.num_classes)))
-    bad = [c for c in classes if not 0 <= c < gen.config.num_classes]
-    if bad:
-        raise ValueError(f"--classes {','.join(map(str, bad))}: this generator has classes 0..{gen.config.num_classes - 1}")
-    labels = torch.tensor(classes, device=args.device).repeat_interleave(args.per_class)
-    indices = gen.generate(labels, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed)
-    with torch.no_grad():
-        images = tok.decode(indices)
-    save_image_grid(images.float().cpu(), args.out, nrow=args.per_class)
+    settings = SampleSettings(tuple(args.classes), args.per_class, args.cfg_scale, args.temperature, args.top_k,
+                              args.top_p, args.seed)
+    sample_grid(tok, gen, settings, args.out)
+    classes = settings.resolved_classes(gen.config.num_classes)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} samples, cfg {args.cfg_scale}")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     import gear
     from gear.data.image_folder import load_rgb
-    from gear.data.transforms import center_crop, resize_short_side, save_image_grid, to_tensor_minus1_1
-    import numpy as np
+    from gear.data.transforms import save_image_grid, square_view
 
     tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = args.size or _run_image_size(args.run_dir)
     for path in args.images:
-        pil = resize_short_side(load_rgb(Path(path)), size)
-        image = to_tensor_minus1_1(center_crop(np.asarray(pil), size)).unsqueeze(0).to(args.device)
+        image = square_view(load_rgb(Path(path)), size).unsqueeze(0).to(args.device)
         with torch.no_grad():
             recon = tok.decode(tok.encode(image))
         target = out / (Path(path).stem + "_recon.png")
@@ -221,6 +213,12 @@ def _config_overrides(items: list[str], config_class: type) -> dict:
     return out
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from gear.serve import serve
+
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gear.config import EvalConfig
 
@@ -290,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory to write; use RUN/tokenizer and RUN/generator for `gear sample RUN`")
     s.add_argument("--live", action="store_true", help="the live weights instead of the EMA copy the file may hold")
     s.set_defaults(func=cmd_convert)
+
+    from gear.serve import DEFAULT_HOST, DEFAULT_PORT
+
+    s = sub.add_parser("serve", help="a local web page to explore a run: sample, reconstruct, training curves")
+    s.add_argument("run_dir")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: this machine only)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

@@ -97,6 +97,12 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     return center_crop(np.asarray(image), size)
 
 
+def square_view(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image as a tokenizer sees it: short side resized (bicubic) to ``size``, centre ``size`` x ``size``
+    crop, float32 (3, size, size) in [-1, 1]."""
+    return to_tensor_minus1_1(center_crop(np.asarray(resize_short_side(image.convert("RGB"), size)), size))
+
+
 def pad_to(image: torch.Tensor, size: int, value: float = 0.0) -> torch.Tensor:
     """Pad the last two dims of ``image`` symmetrically to ``size`` x ``size`` (an odd remainder goes
     to the bottom / right)."""

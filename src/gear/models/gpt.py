@@ -14,6 +14,7 @@ Two additions for GEAR:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -319,11 +320,13 @@ class GPT(nn.Module, Pretrained):
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Sample token grids (B, grid_size, grid_size) int64 for class labels (B,); see gear.models.sampling."""
         from gear.models.sampling import generate
 
-        return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        on_token=on_token)
 
     def _check_inputs(
         self, tokens: Tensor | SparseSoft, labels: Tensor, tap_layer: int | None, stop_at_tap: bool

@@ -8,6 +8,7 @@ With guidance (cfg_scale != 1) the batch is run twice as [cond; null] and the lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,11 +87,12 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """Sample (B, grid_size, grid_size) int64 token grids for class labels (B,) in [0, num_classes].
 
     ``seed`` seeds a local generator on the model's device (the global RNG is not touched); without a
-    seed the global RNG is used. The model runs in eval mode (no dropout) for the call; each module's
+    seed the global RNG is used. ``on_token(done, total)`` is called after each position (progress bars). The model runs in eval mode (no dropout) for the call; each module's
     train/eval flag is restored afterwards.
     """
     cfg = model.config
@@ -121,6 +123,8 @@ def generate(
                 logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
             nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             tokens[:, t] = nxt
+            if on_token is not None:
+                on_token(t + 1, length)
             if t + 1 < length:
                 x = model.tok_embeddings(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
     finally:

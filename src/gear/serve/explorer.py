@@ -1,0 +1,148 @@
+"""What the page shows, without the page: a run's models loaded once, sample grids (the `gear sample` path),
+reconstructions with their token map and PSNR, the curves of metrics.jsonl and the run's summary.
+
+gear.serve.app puts this on a Gradio page; everything here is plain Python and testable without a browser.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import itertools
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from gear.config import load_config
+from gear.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from gear.data.image_folder import load_rgb
+from gear.data.transforms import square_view, to_uint8_image
+from gear.eval.image_metrics import psnr
+from gear.eval.runs import load_pair
+from gear.models.gpt import GPT
+from gear.sample import SampleSettings, sample_grid
+from gear.serve.curves import Panel, curve_panels, read_metrics
+
+RunKind = Literal["tokenizer", "class"]
+MAX_IMAGES = 160  # per grid on the page; `gear sample` draws larger ones
+GOLDEN = 0.6180339887498949
+
+
+def run_kind(gen: GPT | None) -> RunKind:
+    """The one place that decides what the page offers for a run: "tokenizer" (no generator: reconstruction and
+    curves only) or "class" (class picker). A text-conditioned generator is to be recognised here as "text",
+    for which the page shows a prompt box instead of the class picker."""
+    return "tokenizer" if gen is None else "class"
+
+
+@dataclass
+class SampleResult:
+    path: Path  # the PNG grid, one row per class, as `gear sample` writes it
+    command: str  # the `gear sample` line that writes the same grid
+    num_images: int
+
+
+@dataclass
+class Reconstruction:
+    original: np.ndarray  # uint8 (S, S, 3): the centre crop the tokenizer saw
+    reconstruction: np.ndarray  # uint8 (S, S, 3)
+    indices: np.ndarray  # int64 (h, w) code indices
+    colours: np.ndarray  # uint8 (h, w, 3): one fixed colour per code
+    psnr: float  # dB between the two uint8 images (as `gear eval recon` measures it)
+
+
+def code_colours(indices: np.ndarray) -> np.ndarray:
+    """A fixed, well-spread colour per code index (golden-ratio hues, two lightness levels): (..., 3) uint8."""
+    flat = np.asarray(indices).reshape(-1)
+    table = {}
+    for code in np.unique(flat).tolist():
+        hue = (code * GOLDEN) % 1.0
+        value = 0.95 if code % 2 == 0 else 0.75
+        table[code] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.6, value)]
+    return np.array([table[c] for c in flat.tolist()], dtype=np.uint8).reshape(*np.shape(indices), 3)
+
+
+class RunExplorer:
+    """A run directory's EMA models on one device, and what the page asks of them."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu", out_dir: str | Path | None = None):
+        self.run_dir = str(run_dir)  # as the user wrote it: it goes into the `gear sample` command
+        config = Path(run_dir) / "config.yaml"
+        if not config.is_file():
+            raise FileNotFoundError(f"{config} not found: pass a run directory written by `gear train`")
+        self.config = load_config(config)
+        self.tok, self.gen = load_pair(run_dir, device=device)
+        self.kind = run_kind(self.gen)
+        self.image_size = self.config.data.image_size
+        self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="gear-serve-"))
+        self._names = itertools.count()
+
+    # ------------------------------------------------------------------ sampling
+
+    @property
+    def num_classes(self) -> int:
+        return self.gen.config.num_classes if self.gen is not None else 0
+
+    def class_choices(self) -> list[tuple[str, int]]:
+        """(label, class id) for the class picker; Fashion-MNIST classes are named."""
+        names = FASHION_MNIST_CLASSES if self.config.data.name == "fashion-mnist" else ()
+        return [(f"{i}: {names[i]}" if i < len(names) else str(i), i) for i in range(self.num_classes)]
+
+    def sample(self, settings: SampleSettings, on_token=None) -> SampleResult:
+        if self.gen is None:
+            raise ValueError(f"{self.run_dir} has no generator (a tokenizer run): sample from a joint or ar run")
+        if not settings.classes:
+            raise ValueError("pick at least one class")
+        settings.check(self.gen)
+        n = len(settings.classes) * settings.per_class
+        if n > MAX_IMAGES:
+            raise ValueError(f"{n} images is more than the page draws at once ({MAX_IMAGES}); "
+                             "pick fewer classes or samples per class, or use the `gear sample` command")
+        path = sample_grid(self.tok, self.gen, settings, self.out_dir / f"samples-{next(self._names)}.png", on_token)
+        return SampleResult(path, settings.command(self.run_dir), n)
+
+    # ------------------------------------------------------------------ reconstruction
+
+    @torch.no_grad()
+    def reconstruct(self, image_path: str | Path) -> Reconstruction:
+        """Encode and decode one image file as `gear reconstruct` does (short-side resize, centre crop)."""
+        device = next(self.tok.parameters()).device
+        try:
+            pil = load_rgb(Path(image_path))
+        except ValueError:
+            raise ValueError(f"{Path(image_path).name} is not an image this page can read: "
+                             "upload a PNG, JPEG, WebP, BMP or GIF file") from None
+        image = square_view(pil, self.image_size).unsqueeze(0).to(device)
+        indices = self.tok.encode(image)
+        original, recon = to_uint8_image(image.cpu()), to_uint8_image(self.tok.decode(indices).float().cpu())
+        codes = indices[0].cpu().numpy()
+        return Reconstruction(original=original[0].permute(1, 2, 0).numpy(), reconstruction=recon[0].permute(1, 2, 0).numpy(),
+                              indices=codes, colours=code_colours(codes), psnr=psnr(original, recon, data_range=255))
+
+    # ------------------------------------------------------------------ curves and summary
+
+    def curves(self) -> list[Panel]:
+        return curve_panels(read_metrics(self.run_dir))
+
+    def summary(self) -> dict:
+        """summary.json of the run ({} while the run has not finished a stage)."""
+        path = Path(self.run_dir) / "summary.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def description(self) -> str:
+        """One line on the models: tokenizer codebook and grid, generator size and classes."""
+        t = self.tok.config
+        grid = self.image_size // self.tok.downsample
+        text = (f"{self.config.data.name} {self.image_size} px; tokenizer {t.quantizer.upper()} {t.codebook_size} codes, "
+                f"{grid}x{grid} tokens")
+        if self.gen is not None:
+            g = self.gen.config
+            text += f"; generator {g.n_layer} layers x {g.dim}, {self.gen.num_params() / 1e6:.1f}M parameters, {g.num_classes} classes"
+        return text

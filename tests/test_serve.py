@@ -1,0 +1,186 @@
+"""`gear serve`: the page's logic on a tiny trained run (sampling = `gear sample`, reconstruction, curves, bad
+input), the running server through its API, and the CLI's one-line errors. The real-browser test is
+test_serve_browser.py (slow)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from helpers import tiny_runs
+from PIL import Image
+
+from gear.cli import main
+from gear.data.fashion_mnist import resolve_root
+from gear.data.transforms import square_view
+from gear.sample import SampleSettings
+from gear.serve import check_port
+from gear.serve.curves import PANEL_TITLES, curve_panels, read_metrics
+from gear.serve.explorer import RunExplorer, code_colours
+
+gr = pytest.importorskip("gradio", reason="the serve extra (gradio) is not installed: pip install -e '.[serve]'")
+
+from gear.serve.app import build_app, launch, settings_from_page  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (resolve_root() / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST idx files not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tiny_runs(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def explorer(runs, tmp_path_factory):
+    return RunExplorer(runs[1], out_dir=tmp_path_factory.mktemp("page"))
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_page_grid_is_what_its_gear_sample_command_writes(explorer, tmp_path):
+    settings = SampleSettings(classes=(3, 1), per_class=2, cfg_scale=2.0, temperature=0.9, top_k=50, top_p=0.95, seed=5)
+    steps = []
+    result = explorer.sample(settings, on_token=lambda done, total: steps.append((done, total)))
+    assert steps == [(t, 64) for t in range(1, 65)]  # 8x8 tokens, one call per position
+    argv = shlex.split(result.command)
+    assert argv[:3] == ["gear", "sample", explorer.run_dir]
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert main(argv[1:]) == 0
+    page, cli = pixels(result.path), pixels(tmp_path / "cli.png")
+    assert page.shape == (2 * 34 + 2, 2 * 34 + 2, 3) and np.array_equal(page, cli)
+    other = explorer.sample(SampleSettings(classes=(3, 1), per_class=2, cfg_scale=2.0, temperature=0.9, top_k=50,
+                                           top_p=0.95, seed=6))
+    assert not np.array_equal(pixels(other.path), page)  # the seed matters
+
+
+def test_reconstruction_token_map_and_psnr(explorer, runs, tmp_path):
+    image = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 30, 3)) * 255).astype(np.uint8)).save(image)
+    r = explorer.reconstruct(image)
+    codes = explorer.tok.encode(square_view(Image.open(image), 32).unsqueeze(0))[0].numpy()
+    assert r.indices.shape == (8, 8) and np.array_equal(r.indices, codes)
+    assert main(["reconstruct", str(runs[1]), str(image), "--out", str(tmp_path / "rec")]) == 0
+    grid = pixels(tmp_path / "rec" / "in_recon.png")  # [original | reconstruction], 2 px padding
+    assert np.array_equal(grid[2:34, 2:34], r.original) and np.array_equal(grid[2:34, 36:68], r.reconstruction)
+    mse = np.mean((r.original.astype(np.float64) - r.reconstruction.astype(np.float64)) ** 2)
+    assert r.psnr == pytest.approx(10 * np.log10(255**2 / mse))
+    colours = {tuple(c) for c in r.colours.reshape(-1, 3).tolist()}
+    assert len(colours) == len(np.unique(r.indices))  # one colour per code, distinct codes look different
+    assert np.array_equal(code_colours(np.array([7, 7, 9]))[0], code_colours(np.array([7]))[0])
+
+
+def test_curves_from_metrics_jsonl(explorer, tmp_path):
+    panels = {p.title: p for p in explorer.curves()}
+    assert [p.title for p in explorer.curves()] == list(PANEL_TITLES)
+    assert {"ar/loss", "ar/ntp"} <= set(panels["Losses"].metrics)
+    assert [r["step"] for r in panels["Losses"].rows if r["metric"] == "ar/loss"] == [1, 2]
+    assert "ar/align_cos" in panels["Alignment"].metrics and not panels["FID"].rows
+
+    records = [{"step": 10, "tok/loss": 2.0, "codebook/usage_window": 0.5}, {"step": 20, "eval/fid": 80.0, "eval/num": 500}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + '\n{"step": 30, "tok/lo')
+    panels = {p.title: p for p in curve_panels(read_metrics(tmp_path))}  # the half-written last line is skipped
+    assert panels["Losses"].rows == [{"step": 10, "value": 2.0, "metric": "tok/loss"}]
+    assert panels["FID"].rows == [{"step": 20, "value": 80.0, "metric": "eval/fid"}]
+    assert panels["Codebook usage"].metrics == ["codebook/usage_window"]
+    assert read_metrics(tmp_path / "nothing-here") == []
+
+
+@pytest.mark.parametrize("values, message", [
+    (([], 2, 1.5, 1.0, 0, 1.0, 0), "pick at least one class"),
+    (([12], 2, 1.5, 1.0, 0, 1.0, 0), "outside 0..9"),
+    (([1], 2, 1.5, 1.0, 0, 1.0, None), "seed must be a whole number"),
+    (([1], 2.5, 1.5, 1.0, 0, 1.0, 0), "samples per class must be a whole number"),
+    (([1], 2, 1.5, 0.0, 0, 1.0, 0), "temperature must be > 0"),
+    (([1], 2, 1.5, 1.0, 100_000, 1.0, 0), "top-k must be in 0..512"),
+    (([1], 2, 1.5, 1.0, 0, 0.0, 0), "top-p must be in (0, 1]"),
+    (([1], 2, 1.5, 1.0, 0, 1.0, -3), "seed must be >= 0"),
+    (([1], 2, 1.5, 1.0, 0, 1.0, 2**64), "seed must be >= 0 and < 2\\*\\*63"),
+    ((list(range(10)), 17, 1.5, 1.0, 0, 1.0, 0), "more than the page draws at once"),
+])
+def test_bad_sampling_settings_name_the_field(explorer, values, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        explorer.sample(settings_from_page(*values))
+
+
+def test_an_unreadable_upload_is_refused_with_a_message(explorer, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really an image")
+    with pytest.raises(ValueError, match="broken.png is not an image"):
+        explorer.reconstruct(bad)
+
+
+def test_the_running_page_samples_and_reports_bad_input(runs, explorer, tmp_path):
+    from gradio_client import Client, handle_file
+
+    demo = build_app(explorer)
+    assert demo.analytics_enabled is False
+    fns = {f.api_name: f for f in demo.fns.values()}
+    assert fns["generate"].concurrency_id == fns["reconstruct"].concurrency_id  # one model call at a time
+    assert fns["generate"].concurrency_limit == 1
+    port = free_port()
+    launch(demo, "127.0.0.1", port)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        import urllib.request
+
+        css = urllib.request.urlopen(url + "theme.css", timeout=10).read().decode()
+        assert "@import" not in css and "url(http" not in css and "googleapis" not in css  # no font from the internet
+        client = Client(url, verbose=False)
+        grid, command, _ = client.predict([3], 2, 1.5, 1.0, 0, 1.0, 7, api_name="/generate")
+        assert "--classes 3 --per-class 2" in command and "--seed 7" in command
+        expected = explorer.sample(SampleSettings(classes=(3,), per_class=2, seed=7))
+        assert np.array_equal(pixels(grid), pixels(expected.path))
+        bad = tmp_path / "broken.png"
+        bad.write_bytes(b"not an image")
+        with pytest.raises(Exception, match="broken.png is not an image"):
+            client.predict(handle_file(str(bad)), api_name="/reconstruct")
+        with pytest.raises(Exception, match="pick at least one class"):
+            client.predict([], 2, 1.5, 1.0, 0, 1.0, 7, api_name="/generate")
+        summary, losses, *_ = client.predict(api_name="/curves")  # the page still answers after errors
+        assert "ar/loss" in summary
+    finally:
+        demo.close()
+
+
+def test_a_tokenizer_run_gets_no_sampling_tab(runs):
+    explorer = RunExplorer(runs[0])
+    assert explorer.kind == "tokenizer"
+    demo = build_app(explorer)
+    assert "generate" not in {d.api_name for d in demo.fns.values()}
+    assert "reconstruct" in {d.api_name for d in demo.fns.values()}
+    with pytest.raises(ValueError, match="has no generator"):
+        explorer.sample(SampleSettings(classes=(0,)))
+
+
+def test_cli_errors_are_one_line(runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(runs[1] / "config.yaml", empty / "config.yaml")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ValueError, match="another program holds the port"):
+            check_port("127.0.0.1", port)
+        assert main(["serve", str(runs[1]), "--port", str(port)]) == 2
+    cases = [(empty, "holds no saved tokenizer"), (tmp_path / "missing", "config.yaml not found")]
+    err = capsys.readouterr().err
+    assert err.startswith("gear serve: error: cannot listen on 127.0.0.1:") and err.count("\n") == 1
+    for run, message in cases:
+        assert main(["serve", str(run), "--port", str(free_port())]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gear serve: error: ") and message in err and err.count("\n") == 1
