@@ -30,7 +30,7 @@ from gear.models.autoencoder import Tokenizer
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
 from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, setup_distributed
 from gear.train.ema import EMA
-from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater
+from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, adamw
 
 
 @dataclass
@@ -157,8 +157,7 @@ class Trainer:
             params = [p for key in members if key in self.trained for p in self.trained[key].parameters()]
             if params:
                 lr = o.disc_lr if name == "discriminator" else o.lr
-                optim = torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-                opts[name] = Updater(optim, params, o.grad_clip, accumulate=self.cfg.train.grad_accum_steps)
+                opts[name] = Updater(adamw(params, lr, o), params, o.grad_clip, accumulate=self.cfg.train.grad_accum_steps)
         return opts
 
     def _shard_generator(self) -> None:

