@@ -94,11 +94,11 @@ def check_mfu(args, preset, lines: list[str]) -> None:
     name = torch.cuda.get_device_name(b.device) if b.device.type == "cuda" else "cpu"
     spec = next((v for key, v in DENSE_BF16_PEAK.items() if key in name), None)
     rate = flops / seconds
-    print(f"mfu: {rate / 1e12:.1f} TFLOP/s, {rate / measured:.1%} of the measured matmul", flush=True)
+    print(f"mfu: {rate / 1e9:.1f} GFLOP/s, {rate / measured:.1%} of the measured matmul", flush=True)
     lines += ["## AR step MFU", "",
               f"Frozen-tokenizer AR step (tokenizer encode included): {flops / 1e9:.1f} GFLOP in {1000 * seconds:.1f} ms = "
-              f"{rate / 1e12:.2f} TFLOP/s; {rate / measured:.1%} of a measured {str(dtype).removeprefix('torch.')} "
-              f"matmul ({measured / 1e12:.0f} TFLOP/s)"
+              f"{rate / 1e9:.1f} GFLOP/s; {rate / measured:.1%} of a measured {str(dtype).removeprefix('torch.')} "
+              f"matmul ({measured / 1e9:.0f} GFLOP/s)"
               + (f"; MFU {rate / spec:.1%} of the {name} dense bf16 peak ({spec / 1e12:.0f} TFLOP/s)" if spec else ""),
               ""]
 
