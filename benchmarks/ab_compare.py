@@ -234,7 +234,7 @@ def agreement(result: dict) -> str:
     rel = [abs(a["first_step"][k] - b["first_step"][k]) / max(abs(b["first_step"][k]), 1e-12)
            for k in b["first_step"] if k in a["first_step"]]
     prel = [abs(a["param_abs_sums"][k] - v) / v for k, v in b["param_abs_sums"].items()]
-    return f"first-step losses max rel diff {max(rel):.1e}; parameter |sums| after all steps max rel diff {max(prel):.1e}"
+    return f"first-step losses max rel diff {max(rel):.1e}; parameter abs-sums after all steps max rel diff {max(prel):.1e}"
 
 
 def main(argv: list[str] | None = None) -> None:
