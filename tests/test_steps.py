@@ -163,3 +163,16 @@ def test_fused_adamw_takes_the_steps_of_the_plain_one():
             opt.step()
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_loading_optimizer_state_keeps_this_process_kernel_choice():
+    from gear.train.sharding import load_optimizer_state
+
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    saved = torch.optim.AdamW(params, lr=1e-2, foreach=False)  # e.g. written by a sharded (unfused) run
+    params[0].grad = torch.randn(4, 3)
+    saved.step()
+    optimizer = adamw(params, 1e-2, OptimConfig())
+    load_optimizer_state(optimizer, saved.state_dict())
+    assert optimizer.param_groups[0]["fused"] and optimizer.param_groups[0]["foreach"] is None
+    assert torch.equal(optimizer.state[params[0]]["exp_avg"], saved.state[params[0]]["exp_avg"])
