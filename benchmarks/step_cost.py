@@ -149,8 +149,7 @@ def build(args: argparse.Namespace, preset: BenchPreset) -> Bench:
     for name, mods in groups.items():
         params = [p for mod in mods for p in mod.parameters()]
         lr = o.disc_lr if name == "discriminator" else o.lr  # as the trainer builds them
-        opts[name] = Updater(torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay),
-                             params, o.grad_clip)
+        opts[name] = Updater(steps.adamw(params, lr, o), params, o.grad_clip)
     for mod in (tokenizer, generator, projector, disc):
         mod.train()
     step_cfg = StepConfig.from_config(cfg, tap_layer=tap_layer(cfg, generator.config.n_layer),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 # Test modules whose many tiny ops run faster (and far steadier on shared cores) on one intra-op thread.
-ONE_THREAD = {"test_gpt", "test_quantizers", "test_released", "test_resilience", "test_sampling", "test_soft_branch", "test_tokenizer"}
+ONE_THREAD = {"test_benchmark_scripts", "test_gpt", "test_quantizers", "test_released", "test_resilience", "test_sampling",
+              "test_soft_branch", "test_tokenizer"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -18,3 +19,12 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -5,7 +5,7 @@ import torch
 
 from gear.models import sampling
 from gear.models.gpt import GPT, GPTConfig
-from gear.models.sampling import KVCache, sample_logits
+from gear.models.sampling import KVCache, StaticKVCache, sample_logits
 
 
 
@@ -62,6 +62,40 @@ def test_kv_cache_gives_the_logits_of_one_full_forward():
         pieces = [model.forward_cached(x[:, :3], 0, cache), model.forward_cached(x[:, 3:7], 3, cache)]
         pieces += [model.forward_cached(x[:, t : t + 1], t, cache) for t in range(7, cfg.seq_len)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-4)
+
+
+def test_static_cache_step_equals_the_growing_cache_step():
+    """The CUDA-graph decode step (full-length cache, position as a tensor) computes what the eager one does."""
+    model = random_model()
+    cfg = model.config
+    tokens = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len - 1))
+    labels = torch.tensor([0, 4, cfg.num_classes])
+    with torch.no_grad():
+        x = torch.cat([model.cls_embedding(labels), model.tok_embeddings(tokens)], dim=1)
+        growing, static = KVCache(cfg.n_layer, cfg.seq_len), StaticKVCache(cfg.n_layer, cfg.seq_len)
+        for t in range(cfg.seq_len):
+            eager = model.forward_cached(x[:, t : t + 1], t, growing)
+            graphable = model.forward_cached(x[:, t : t + 1], torch.tensor([t]), static)
+            torch.testing.assert_close(graphable, eager, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one position per step"):
+        model.forward_cached(x[:, :2], torch.tensor([0]), StaticKVCache(cfg.n_layer, cfg.seq_len))
+
+
+def test_cuda_graph_needs_a_cuda_model():
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        sampling.generate(random_model(), torch.tensor([1]), cuda_graph=True)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_sampling_gives_the_eager_tokens():
+    model = random_model().cuda()
+    labels = torch.tensor([1, 3, 0], device="cuda")
+    eager = sampling.generate(model, labels, cfg_scale=1.5, seed=0, cuda_graph=False)
+    graphed = sampling.generate(model, labels, cfg_scale=1.5, seed=0, cuda_graph=True)
+    assert torch.equal(graphed, eager)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = sampling.generate(model, labels, cfg_scale=1.5, seed=0, cuda_graph=True)
+    assert bf16.shape == eager.shape
 
 
 def test_cache_rejects_positions_past_the_sequence():

@@ -101,7 +101,7 @@ def test_curves_from_metrics_jsonl(explorer, tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     (([], 2, 1.5, 1.0, 0, 1.0, 0), "pick at least one class"),
-    (([12], 2, 1.5, 1.0, 0, 1.0, 0), "outside 0..9"),
+    (([12], 2, 1.5, 1.0, 0, 1.0, 0), "outside this generator's classes 0..9"),
     (([1], 2, 1.5, 1.0, 0, 1.0, None), "seed must be a whole number"),
     (([1], 2.5, 1.5, 1.0, 0, 1.0, 0), "samples per class must be a whole number"),
     (([1], 2, 1.5, 0.0, 0, 1.0, 0), "temperature must be > 0"),

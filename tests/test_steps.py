@@ -9,7 +9,8 @@ import torch
 from helpers import batch, step_cfg, tiny_modules
 
 from gear.models.gpt import build_generator
-from gear.train.steps import Updater, apply_all, gear_step, generator_terms, tokenizer_terms, update_tokenizer
+from gear.config import OptimConfig
+from gear.train.steps import Updater, adamw, apply_all, gear_step, generator_terms, tokenizer_terms, update_tokenizer
 
 GRID = 8
 
@@ -148,3 +149,34 @@ def test_soft_statistics_only_when_the_step_logs(modules):
     assert not any(k.startswith("soft/") for k in quiet)
     K = m.tokenizer.codebook_size
     assert 0 <= logged["soft/entropy"] <= torch.log(torch.tensor(float(K))) and 1 / K <= logged["soft/top1"] <= 1
+
+
+def test_fused_adamw_takes_the_steps_of_the_plain_one():
+    torch.manual_seed(0)
+    plain = [torch.nn.Parameter(torch.randn(shape)) for shape in ((7, 5), (5,), (3, 4, 2))]
+    fused = [torch.nn.Parameter(p.detach().clone()) for p in plain]
+    o = OptimConfig(weight_decay=0.01)
+    reference = torch.optim.AdamW(plain, lr=1e-2, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = adamw(fused, 1e-2, o)
+    assert optimizer.param_groups[0]["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in plain]
+        for opt, params in ((reference, plain), (optimizer, fused)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_loading_optimizer_state_keeps_this_process_kernel_choice():
+    from gear.train.sharding import load_optimizer_state
+
+    params = [torch.nn.Parameter(torch.randn(4, 3))]
+    saved = torch.optim.AdamW(params, lr=1e-2, foreach=False)  # e.g. written by a sharded (unfused) run
+    params[0].grad = torch.randn(4, 3)
+    saved.step()
+    optimizer = adamw(params, 1e-2, OptimConfig())
+    load_optimizer_state(optimizer, saved.state_dict())
+    assert optimizer.param_groups[0]["fused"] and optimizer.param_groups[0]["foreach"] is None
+    assert torch.equal(optimizer.state[params[0]]["exp_avg"], saved.state[params[0]]["exp_avg"])

@@ -100,7 +100,7 @@ def exit_status(argv: list[str]) -> int:
     "args, message",
     [
         (["--cfg-scale", "-1"], "argument --cfg-scale: must be >= 0.0, got -1"),
-        (["--classes", "42"], "--classes 42: this generator has classes 0..9"),
+        (["--classes", "42"], "classes 42 are outside this generator's classes 0..9"),
         (["--classes", "0,x"], "argument --classes: expected comma-separated class ids"),
         (["--per-class", "0"], "argument --per-class: must be >= 1, got 0"),
         (["--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),

@@ -21,6 +21,7 @@ from gear.data import DataConfig
 
 STAGES = ("tokenizer", "joint", "ar")
 JOINT_MODES = ("gear", "ste")
+SOFT_BRANCHES = ("exact", "shared")
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,10 @@ class AlignConfig:
     # cosine to the full soft branch >= 0.99 at T = 0.1: 1.000 for K = 4096 (benchmarks/results/step_cost.md),
     # 0.997 for K = 16384 (step_cost.py --set "model.tokenizer_overrides={codebook_size: 16384}" --skip timing sampling).
     soft_top_k: int = 256
+    # exact: the soft branch runs the frozen AR on softmax(-d / T) (the paper). shared (approximate, cheaper): the
+    # alignment gradient is taken at the hard tokens from the AR update's own forward and applied to the soft
+    # embedding to first order, so one forward to the tap serves both updates (benchmarks/results/soft_branch.md).
+    soft_branch: str = "exact"
 
 
 @dataclass
@@ -153,6 +158,9 @@ def validate(cfg: Config) -> None:
     _check(a.temperature > 0, "align.temperature", "must be > 0")
     _check(a.tap_layer >= 0, "align.tap_layer", "is 1-based (0 = n_layer // 3) and must be >= 0")
     _check(a.soft_top_k >= 0, "align.soft_top_k", "must be >= 0 (0 = full softmax)")
+    _check(a.soft_branch in SOFT_BRANCHES, "align.soft_branch", f"must be one of {SOFT_BRANCHES}, got {a.soft_branch!r}")
+    _check(not (a.soft_branch == "shared" and (t.joint_mode == "ste" or a.lambda_tok == 0)), "align.soft_branch",
+           "shared needs train.joint_mode=gear and align.lambda_tok > 0")
     _check(a.lambda_tok >= 0 and a.lambda_ar >= 0, "align.lambda_tok/lambda_ar", "must be >= 0")
     _check(not (t.stage == "joint" and a.lambda_tok > 0 and a.lambda_ar == 0), "align.lambda_ar",
            "must be > 0 when lambda_tok > 0: the projector learns only in the AR update")

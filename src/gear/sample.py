@@ -48,7 +48,7 @@ class SampleSettings:
         n = gen.config.num_classes
         bad = [c for c in self.classes if not 0 <= c < n]
         if bad:
-            raise ValueError(f"classes {bad} are outside 0..{n - 1}")
+            raise ValueError(f"classes {','.join(map(str, bad))} are outside this generator's classes 0..{n - 1}")
         if self.per_class < 1:
             raise ValueError(f"per-class count must be >= 1, got {self.per_class}")
         if not self.cfg_scale >= 0:

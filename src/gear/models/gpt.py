@@ -26,7 +26,7 @@ from torch import Tensor
 from gear.models.pretrained import Pretrained
 
 if TYPE_CHECKING:
-    from gear.models.sampling import LayerKVCache, KVCache
+    from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache
 
 
 @dataclass
@@ -164,21 +164,18 @@ class Attention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
-    def forward(self, x: Tensor, rope: Tensor, cache: LayerKVCache | None = None, start: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: LayerKVCache | None = None, start: int | Tensor = 0) -> Tensor:
         B, S, _ = x.shape
-        q, k, v = self.wqkv(x).split(self.dim, dim=-1)
-        q = apply_rope(q.view(B, S, self.n_head, self.head_dim), rope).transpose(1, 2)
-        k = apply_rope(k.view(B, S, self.n_head, self.head_dim), rope).transpose(1, 2)
-        v = v.view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        qkv = self.wqkv(x).view(B, S, 3 * self.n_head, self.head_dim)
+        # queries and keys rotate in one call (half the elementwise launches of two)
+        q, k = apply_rope(qkv[:, :, : 2 * self.n_head], rope).transpose(1, 2).split(self.n_head, dim=1)
+        v = qkv[:, :, 2 * self.n_head :].transpose(1, 2)
         # sdpa takes attention dropout as an argument, not as a module, hence the one use of self.training
         dropout_p = self.attn_dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            k, v = cache.update(start, k, v)  # all keys/values at positions [0, start + S)
-            n = k.shape[2]
-            # is_causal aligns the mask top-left, which is wrong once keys outnumber queries
-            mask = None if S == 1 else torch.ones(S, n, dtype=torch.bool, device=x.device).tril(n - S)
+            k, v, mask = cache.update(start, k, v)  # keys/values up to start + S, and which of them each query sees
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, self.dim)))
 
@@ -205,7 +202,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, cache: LayerKVCache | None = None, start: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: LayerKVCache | None = None, start: int | Tensor = 0) -> Tensor:
         x = x + self.attention(self.attention_norm(x), rope, cache, start)
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -295,18 +292,22 @@ class GPT(nn.Module, Pretrained):
             return tokens @ table
         return self.tok_embeddings(tokens)
 
-    def forward_cached(self, x: Tensor, start: int, cache: KVCache) -> Tensor:
+    def forward_cached(self, x: Tensor, start: int | Tensor, cache: KVCache | StaticKVCache) -> Tensor:
         """Incremental pass for sampling: input embeddings x (B, S, dim) sit at positions [start, start + S).
 
         Reads the keys/values of earlier positions from ``cache`` and appends this chunk's.
-        Returns float32 logits (B, S, vocab).
+        Returns float32 logits (B, S, vocab). ``start`` may be a one-element device tensor (one position, S = 1,
+        a StaticKVCache): then nothing depends on its value on the host, so the step can be a CUDA graph.
         """
-        if start + x.shape[1] > self.freqs_cis.shape[0]:
+        if isinstance(start, Tensor):
+            rope = self.freqs_cis.index_select(0, start)
+        elif start + x.shape[1] > self.freqs_cis.shape[0]:
             raise ValueError(
                 f"positions up to {start + x.shape[1]} exceed the sequence length {self.freqs_cis.shape[0]}"
             )
+        else:
+            rope = self.freqs_cis[start : start + x.shape[1]]
         h = self.tok_dropout(x)
-        rope = self.freqs_cis[start : start + x.shape[1]]
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             h = layer(h, rope, layer_cache, start)
         return self.output(self.norm(h)).float()

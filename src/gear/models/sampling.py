@@ -29,9 +29,11 @@ class LayerKVCache:
         self.k: Tensor | None = None
         self.v: Tensor | None = None
 
-    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, H, S, D) at positions [start, start + S); return all keys/values in [0, start + S)."""
-        end = start + k.shape[2]
+    def update(self, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Store k, v (B, H, S, D) at positions [start, start + S); return all keys/values in [0, start + S) and
+        the causal mask of the S queries over them (None for one query, which sees every key)."""
+        S = k.shape[2]
+        end = start + S
         if end > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions, cannot write up to {end}")
         if self.k is None or self.v is None:
@@ -39,7 +41,9 @@ class LayerKVCache:
             self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        # is_causal aligns the mask top-left, which is wrong once keys outnumber queries
+        mask = None if S == 1 else torch.ones(S, end, dtype=torch.bool, device=k.device).tril(start)
+        return self.k[:, :, :end], self.v[:, :, :end], mask
 
 
 class KVCache:
@@ -47,6 +51,62 @@ class KVCache:
 
     def __init__(self, n_layer: int, max_len: int):
         self.layers = [LayerKVCache(max_len) for _ in range(n_layer)]
+
+
+class StaticLayerKVCache(LayerKVCache):
+    """A LayerKVCache for one position per step whose shapes never change: the position is a (1,) device tensor,
+    the step writes there with ``index_copy_`` and attends over all ``max_len`` slots with a mask of those written
+    so far. Slower per step than the growing view on a CPU; what a CUDA graph needs (one capture, every step)."""
+
+    def update(self, start: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if k.shape[2] != 1:
+            raise ValueError(f"a static cache takes one position per step, got {k.shape[2]}")
+        if self.k is None or self.v is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        self.k.index_copy_(2, start, k)
+        self.v.index_copy_(2, start, v)
+        seen = torch.arange(self.max_len, device=k.device) <= start  # (max_len,): positions written so far
+        return self.k, self.v, seen.view(1, 1, 1, -1)
+
+
+class StaticKVCache:
+    """One StaticLayerKVCache per transformer block."""
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.layers = [StaticLayerKVCache(max_len) for _ in range(n_layer)]
+
+
+class GraphedDecodeStep:
+    """``step(x, t)``: logits (B, vocab) of one position, replayed from a CUDA graph captured once per ``generate``.
+
+    Input embedding, position and logits live in static buffers; the sampling between steps stays outside the
+    graph (its random draws must come from the caller's generator). The capture runs with autocast's weight cache
+    off, as CUDA graphs require, so the bf16 casts of the weights are part of the replay.
+    """
+
+    def __init__(self, model: GPT, x: Tensor, max_len: int):
+        self.cache = StaticKVCache(model.config.n_layer, max_len)
+        self.x = x.clone()
+        self.position = torch.zeros(1, dtype=torch.long, device=x.device)
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda")
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream before capture (allocates the cache)
+                for _ in range(2):
+                    model.forward_cached(self.x, self.position, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.forward_cached(self.x, self.position, self.cache)[:, -1]
+
+    def __call__(self, x: Tensor, t: int) -> Tensor:
+        self.x.copy_(x)
+        self.position.fill_(t)
+        self.graph.replay()
+        return self.logits
 
 
 def sample_logits(
@@ -62,7 +122,7 @@ def sample_logits(
     top_k = 0 and top_p = 1.0 switch those filters off. Top-p keeps the smallest set of most likely
     tokens whose probability reaches top_p (always at least one); it applies after top-k.
     """
-    logits = logits.float() / temperature
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -88,17 +148,24 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    cuda_graph: bool | None = None,
 ) -> Tensor:
     """Sample (B, grid_size, grid_size) int64 token grids for class labels (B,) in [0, num_classes].
 
     ``seed`` seeds a local generator on the model's device (the global RNG is not touched); without a
-    seed the global RNG is used. ``on_token(done, total)`` is called after each position (progress bars). The model runs in eval mode (no dropout) for the call; each module's
-    train/eval flag is restored afterwards.
+    seed the global RNG is used. ``on_token(done, total)`` is called after each position (progress bars). The
+    model runs in eval mode (no dropout) for the call; each module's train/eval flag is restored afterwards.
+    ``cuda_graph`` (default: on CUDA) replays every decode step from one CUDA graph (``GraphedDecodeStep``); on a
+    CPU the growing cache runs eagerly.
     """
     cfg = model.config
     device = model.tok_embeddings.weight.device
     _check_args(labels, cfg.num_classes, temperature, top_k, top_p)
     labels = labels.to(device)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
 
     generator = None
     if seed is not None:
@@ -113,11 +180,17 @@ def generate(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     # The last token is never fed back: positions are the class token plus L - 1 tokens.
-    cache = KVCache(cfg.n_layer, cfg.cls_token_num + length - 1)
+    max_len = cfg.cls_token_num + length - 1
+    cache = step = None
     try:
         x = model.cls_embedding(cond)  # (B or 2B, 1, dim)
+        if cuda_graph:
+            step = GraphedDecodeStep(model, x, max_len)
+        else:
+            cache = KVCache(cfg.n_layer, max_len)
+            step = lambda x, t: model.forward_cached(x, start=t, cache=cache)[:, -1]  # noqa: E731
         for t in range(length):
-            logits = model.forward_cached(x, start=t, cache=cache)[:, -1]
+            logits = step(x, t)
             if guided:
                 cond_logits, uncond_logits = logits.chunk(2)
                 logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
@@ -128,7 +201,7 @@ def generate(
             if t + 1 < length:
                 x = model.tok_embeddings(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
     finally:
-        del cache  # never outlives the call, even when sampling fails
+        del cache, step  # never outlive the call, even when sampling fails
         for module, mode in modes:
             module.training = mode
     return tokens.view(batch, cfg.grid_size, cfg.grid_size)

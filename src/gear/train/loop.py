@@ -35,7 +35,7 @@ from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any
 from gear.train.ema import EMA
 from gear.train.guard import Diverged, RunStopped, StepGuard, Verdict, first_non_finite_tensor
 from gear.train.preemption import StopSignals
-from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, apply_all
+from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, adamw, apply_all
 from gear.train.targets import TeacherTargets
 
 
@@ -169,8 +169,7 @@ class Trainer:
             params = [p for key in members if key in self.trained for p in self.trained[key].parameters()]
             if params:
                 lr = o.disc_lr if name == "discriminator" else o.lr
-                optim = torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-                opts[name] = Updater(optim, params, o.grad_clip, accumulate=self.cfg.train.grad_accum_steps)
+                opts[name] = Updater(adamw(params, lr, o), params, o.grad_clip, accumulate=self.cfg.train.grad_accum_steps)
         return opts
 
     def _shard_generator(self) -> None:

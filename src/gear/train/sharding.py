@@ -61,7 +61,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     # an index past the parameters is left for load_state_dict to reject with its own message
     per_param = {i: {k: _shard_like(v, params[i]) for k, v in s.items()} if i < len(params) else s
                  for i, s in state.get("state", {}).items()}
+    # the kernel choice (fused / foreach) is this process's, not the saving one's: a fused run may resume sharded
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict({**state, "state": per_param})
+    for group, kernel in zip(optimizer.param_groups, kernels):
+        group.update(kernel)
 
 
 @contextmanager

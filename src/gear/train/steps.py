@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from gear.align.repa import repa_loss
-from gear.config import Config
+from gear.config import Config, OptimConfig
 from gear.losses.discriminator import hinge_d_loss, hinge_g_loss
 from gear.models.autoencoder import TokenizerOutput
 from gear.models.gpt import SparseSoft, drop_labels
@@ -72,6 +72,15 @@ def apply_all(opts: dict[str, Updater]) -> None:
         updater.apply()
 
 
+def adamw(params: list[nn.Parameter], lr: float, o: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with the config's betas, eps and weight decay; the fused kernel where every parameter is a plain
+    CPU or CUDA float tensor (on CPU ~3.5x faster than the default per-parameter loop; equal up to float rounding).
+    FSDP's sharded DTensors keep the default implementation."""
+    fused = all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                             fused=fused or None)
+
+
 @dataclass
 class Modules:
     """The modules of one run; those a stage does not use are None."""
@@ -101,6 +110,7 @@ class StepConfig:
     class_dropout: float
     straight_through: bool                   # joint_mode == "ste": NTP reaches the tokenizer
     soft_statistics: bool = True             # log soft/entropy and soft/top1 (a softmax over K: on log steps only)
+    soft_branch: str = "exact"               # or "shared": the alignment gradient at the hard tokens (approximate)
 
     @classmethod
     def from_config(cls, cfg: Config, *, tap_layer: int, class_dropout: float, gan_active: bool = True,
@@ -109,7 +119,8 @@ class StepConfig:
         return cls(temperature=a.temperature, soft_top_k=a.soft_top_k, lambda_tok=a.lambda_tok, lambda_ar=a.lambda_ar,
                    tap_layer=tap_layer, l1_weight=loss.l1_weight, perceptual_weight=loss.perceptual_weight,
                    gan_weight=loss.gan_weight, gan_active=gan_active, class_dropout=class_dropout,
-                   straight_through=cfg.train.joint_mode == "ste", soft_statistics=soft_statistics)
+                   straight_through=cfg.train.joint_mode == "ste", soft_statistics=soft_statistics,
+                   soft_branch=a.soft_branch)
 
 
 @dataclass
@@ -243,7 +254,10 @@ def update_discriminator(m: Modules, opt: Updater, images: Tensor, reconstructio
 
 def update_generator(m: Modules, opt: Updater, cfg: StepConfig, indices: Tensor, labels, target) -> dict[str, Tensor]:
     """theta_AR <- theta_AR - eta * grad(L_NTP + lambda_AR * L_align(hard))."""
-    terms = generator_terms(m, cfg, indices, labels, target)
+    return _generator_update(opt, cfg, generator_terms(m, cfg, indices, labels, target))
+
+
+def _generator_update(opt: Updater, cfg: StepConfig, terms: dict[str, Tensor]) -> dict[str, Tensor]:
     loss = sum(terms.values())
     metrics = {f"ar/{k}": v.detach() for k, v in terms.items()}
     if "align_ar" in terms:
@@ -277,6 +291,8 @@ def tokenizer_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images
 def gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target) -> StepResult:
     """Stage 1, GEAR: one tokenizer forward, then tokenizer, discriminator and AR updates."""
     out = m.tokenizer(images)                                                  # one tokenizer forward
+    if cfg.soft_branch == "shared":
+        return shared_gear_step(m, opts, cfg, images, labels, target, out)
     metrics = update_tokenizer(m, opts["tokenizer"], cfg, images, labels, target, out)
     if m.discriminator is not None and cfg.gan_active:
         metrics |= update_discriminator(m, opts["discriminator"], images, out.reconstruction)
@@ -284,6 +300,45 @@ def gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, lab
     if cfg.soft_statistics:
         metrics |= soft_statistics(out.quant.d.detach(), cfg.temperature)
     return StepResult(metrics, out.quant.indices.detach())
+
+
+def shared_gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target,
+                     out: TokenizerOutput) -> StepResult:
+    """``align.soft_branch=shared`` (approximate): the AR update's forward on the hard tokens also gives the soft
+    branch its gradient. g = d(lambda_tok * L_align)/d(input embedding) at the hard tokens (AR in train mode, one
+    backward to the input, no weight gradients); the tokenizer then gets <g, soft @ E_AR> to first order, with the
+    value lambda_tok * L_align(hard). No soft forward through the AR; the AR update itself is the exact one."""
+    B = images.shape[0]
+    generator = unwrap(m.generator)
+    ar_terms, align, grad = hard_point_gradient(m, cfg, out.quant.indices, labels, target)
+    soft = soft_tokens(out.quant.d, cfg.temperature, cfg.soft_top_k, B, sparse=True)
+    with frozen(generator, unwrap(m.projector)):
+        terms = reconstruction_loss(m, cfg, images, out)
+        linear = (grad * generator.embed_tokens(soft[:, :-1])).sum()
+        terms["align_tok"] = align.detach() + linear - linear.detach()
+        loss = sum(terms.values())
+        metrics = _with_norm({f"tok/{k}": v.detach() for k, v in terms.items()} | {"tok/loss": loss.detach()},
+                             "grad_norm/tokenizer", opts["tokenizer"].backward(loss))
+    if m.discriminator is not None and cfg.gan_active:
+        metrics |= update_discriminator(m, opts["discriminator"], images, out.reconstruction)
+    metrics |= _generator_update(opts["generator"], cfg, ar_terms)
+    if cfg.soft_statistics:
+        metrics |= soft_statistics(out.quant.d.detach(), cfg.temperature)
+    return StepResult(metrics, out.quant.indices.detach())
+
+
+def hard_point_gradient(m: Modules, cfg: StepConfig, indices: Tensor, labels, target):
+    """The AR update's terms, lambda_tok * L_align(hard) and its gradient w.r.t. the AR's input embedding (B, L-1, dim).
+    The AR graph is kept for the AR update's backward."""
+    embedded: list[Tensor] = []
+    hook = unwrap(m.generator).tok_embeddings.register_forward_hook(lambda mod, args, output: embedded.append(output))
+    try:
+        ar_terms = generator_terms(m, cfg, indices, labels, target)
+    finally:
+        hook.remove()
+    align = ar_terms["align_ar"] * (cfg.lambda_tok / cfg.lambda_ar)
+    (grad,) = torch.autograd.grad(align, embedded[0], retain_graph=True)
+    return ar_terms, align, grad
 
 
 def ar_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target) -> StepResult:
@@ -299,6 +354,6 @@ STEPS = {"tokenizer": tokenizer_step, "joint": gear_step, "ar": ar_step}
 
 def soft_statistics(d: Tensor, temperature: float) -> dict[str, Tensor]:
     """Entropy and top-1 mass of the full softmax(-d / T) (before any top-k truncation of the soft branch)."""
-    logp = torch.log_softmax(-d.float() / temperature, dim=-1)
-    p = logp.exp()
+    logits = -d.float() / temperature
+    logp, p = torch.log_softmax(logits, dim=-1), torch.softmax(logits, dim=-1)  # softmax: see entropy_loss
     return {"soft/entropy": -(p * logp).sum(-1).mean(), "soft/top1": p.max(-1).values.mean()}
