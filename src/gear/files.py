@@ -136,10 +136,10 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" in str(err).lower():
-            detail = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line), "")
+            named = re.search(r"GLOBAL ([\w.]+)", str(err))
             raise UnsafeFileError(
                 f"{what} {path} holds pickled Python objects, which could run code when loaded, so it was not loaded"
-                + (f" ({detail.rstrip('.')})" if detail else "")
+                + (f" (it refers to {named.group(1)})" if named else "")
                 + "; gear only loads files of plain tensors and numbers"
             ) from None
         raise _damaged(path, what, err) from None
