@@ -70,6 +70,8 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Also the last collective before a process may exit: a gloo all-reduce of a Python-held tensor that is still
+    being released by gloo's worker thread deadlocks the process group's destructor at exit; a barrier's does not."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 

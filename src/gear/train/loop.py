@@ -31,7 +31,7 @@ from gear.train.bad_data import BadSampleLog
 from gear.train.batches import batch_stream
 from gear.models.autoencoder import Tokenizer
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
-from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_process, setup_distributed
+from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_process, barrier, setup_distributed
 from gear.train.ema import EMA
 from gear.train.guard import Diverged, RunStopped, StepGuard, Verdict, first_non_finite_tensor
 from gear.train.preemption import StopSignals
@@ -321,6 +321,7 @@ class Trainer:
         step, g = self.step + 1, self.guard
         what = f"{verdict.bad_term} is {verdict.bad_value}" if verdict.bad_term else "a loss of another process is not finite"
         if g.exhausted:
+            barrier()
             last = f"its last checkpoint (step {self.saved_step}) is" if self.saved_step is not None else "no checkpoint was"
             raise Diverged(f"step {step}: {what}, {g.in_a_row} steps in a row (train.max_bad_steps={g.max_bad_steps}); "
                            f"the run stopped and {last} written from finite weights: lower optim.lr or check the data, "
@@ -427,6 +428,7 @@ class Trainer:
         if any_process(failure is not None, self.device):
             raise failure or RunStopped(f"step {self.step}: rank 0 could not write the checkpoint (see its error)")
         self.saved_step = self.step
+        barrier()
 
     def _export_models(self, payload: dict) -> None:
         for kind, mod in (("tokenizer", self.m.tokenizer), ("generator", self.m.generator)):
