@@ -1,9 +1,10 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon."""
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | eval t2i."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +71,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from gear.data.transforms import save_image_grid
     from gear.train.build import check_pair
 
+    from gear.text.pipeline import is_text_run
+
+    if is_text_run(args.run_dir):
+        return _sample_text(args)
+    if args.prompt or args.prompts:
+        raise ValueError(f"{args.run_dir} is class-conditional: choose classes with --classes, not prompts")
     tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
     gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
     check_pair(tok, gen)
@@ -84,6 +91,35 @@ def cmd_sample(args: argparse.Namespace) -> None:
         images = tok.decode(indices)
     save_image_grid(images.float().cpu(), args.out, nrow=args.per_class)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} samples, cfg {args.cfg_scale}")
+
+
+def read_prompts(inline: list[str], path: str | None) -> list[str]:
+    """--prompt values, then the non-blank lines of the --prompts file."""
+    prompts = [p for p in inline if p.strip()]
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"--prompts {file}: no such file (one prompt per line)")
+        from_file = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not from_file:
+            raise ValueError(f"--prompts {file} holds no prompt: write one prompt per line")
+        prompts += from_file
+    return prompts
+
+
+def _sample_text(args: argparse.Namespace) -> None:
+    from gear.text.grid import save_prompt_grid
+    from gear.text.pipeline import load_text_to_image
+
+    prompts = read_prompts(args.prompt, args.prompts)
+    if not prompts:
+        raise ValueError(f"{args.run_dir} is text-conditioned: pass --prompt TEXT (repeatable) or --prompts FILE")
+    pipe = load_text_to_image(args.run_dir, ema=not args.live, device=args.device)
+    text = pipe.encode(prompts).select(torch.arange(len(prompts)).repeat_interleave(args.per_class))
+    images = pipe.generate(text, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed)
+    save_prompt_grid(images.cpu(), prompts, args.out, per_prompt=args.per_class)
+    print(f"wrote {args.out}: {len(prompts)} prompts x {args.per_class} samples, cfg {args.cfg_scale}")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -120,6 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     data = runs.run_data_config(args.run_dir)
     cache = Path(args.cache_dir) if args.cache_dir else None
+    if args.what == "t2i":
+        return _eval_t2i(args, data, cache)
     tok, gen = runs.load_pair(args.run_dir, ema=not args.live, device=args.device)
     classifier = None
     if args.feature == "classifier" or (args.what == "gen" and data.name == "fashion-mnist"):
@@ -134,6 +172,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics = runs.reconstruction_metrics(tok, data, num=args.num, feature=args.feature, batch_size=args.batch_size,
                                               classifier=classifier, progress=True)
     print(runs.write_json({"run": str(args.run_dir), "what": args.what, **metrics}, args.out))
+
+
+def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
+    from gear.eval import runs
+    from gear.eval.t2i import t2i_metrics
+    from gear.text.pipeline import load_text_to_image
+
+    scales = tuple(float(s) for s in args.cfg_scales.split(","))
+    pipe = load_text_to_image(args.run_dir, ema=not args.live, device=args.device)
+    classifier = runs.reference_classifier(data, cache, device=args.device)
+    ceiling = runs.load_pair(args.ceiling, ema=not args.live, device=args.device) if args.ceiling else None
+    if ceiling is not None and ceiling[1] is None:
+        raise FileNotFoundError(f"--ceiling {args.ceiling} holds no generator: pass a class-conditional ar run")
+    metrics = t2i_metrics(pipe, data, classifier, num=args.num, cfg_scales=scales, batch_size=args.batch_size,
+                          seed=args.seed, ceiling=ceiling, progress=True)
+    print(runs.write_json({"run": str(args.run_dir), "what": "t2i", "ceiling_run": args.ceiling, **metrics}, args.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2000 to extend")
     s.set_defaults(func=cmd_resume)
 
-    s = sub.add_parser("sample", help="class-conditional sample grid from a run directory")
+    s = sub.add_parser("sample", help="sample grid from a run directory: classes, or prompts for a text-conditioned run")
     s.add_argument("run_dir")
     s.add_argument("--classes", default="", help="comma-separated class ids (default: the first up to 10)")
-    s.add_argument("--per-class", type=int, default=8)
+    s.add_argument("--prompt", action="append", default=[], help="a caption (text-conditioned runs); repeat for more")
+    s.add_argument("--prompts", default=None, help="a text file of captions, one per line (text-conditioned runs)")
+    s.add_argument("--per-class", type=int, default=8, help="samples per class or per prompt")
     s.add_argument("--cfg-scale", type=float, default=cfg_scale)
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
@@ -181,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_reconstruct)
 
-    s = sub.add_parser("eval", help="metrics of a run: gen (FID, precision/recall, class accuracy) or recon (rFID, PSNR, SSIM)")
-    s.add_argument("what", choices=["gen", "recon"])
+    s = sub.add_parser("eval", help="metrics of a run: gen (FID, precision/recall, class accuracy), recon (rFID, PSNR, "
+                       "SSIM) or t2i (text adherence of a captioned Fashion-MNIST run)")
+    s.add_argument("what", choices=["gen", "recon", "t2i"])
     s.add_argument("run_dir")
     s.add_argument("--num", type=int, default=1000, help="samples / held-out images (Inception: ~4 images/s on 2 CPU cores)")
     s.add_argument("--cfg-scale", type=float, default=cfg_scale)
@@ -190,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inception: the standard FID network; classifier: the Fashion-MNIST reference classifier (fast)")
     s.add_argument("--batch-size", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cfg-scales", default="1.0,3.0", help="t2i: guidance scales to measure (the last one is the headline)")
+    s.add_argument("--ceiling", default=None, help="t2i: a class-conditional run whose class accuracy is the ceiling")
     s.add_argument("--npz", default=None, help="also write the samples as an ADM-evaluator .npz (uint8 NHWC, arr_0)")
     s.add_argument("--cache-dir", default=None, help="where reference statistics and the classifier are cached "
                    "(default $GEAR_CACHE or ~/.cache/gear)")
@@ -211,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from gear.config import ConfigError
 
+    # library warnings (a truncated prompt, a skipped sample) as one line each
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"gear {args.command}: warning: {message}\n"
     try:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:

@@ -42,8 +42,8 @@ class TextCondition(NamedTuple):
     features: Tensor
     mask: Tensor
 
-    def to(self, device) -> TextCondition:
-        return TextCondition(self.features.to(device), self.mask.to(device))
+    def to(self, device, non_blocking: bool = False) -> TextCondition:
+        return TextCondition(self.features.to(device, non_blocking=non_blocking), self.mask.to(device, non_blocking=non_blocking))
 
     def chunk(self, n: int) -> list[TextCondition]:
         return [TextCondition(f, m) for f, m in zip(self.features.chunk(n), self.mask.chunk(n))]

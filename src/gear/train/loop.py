@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from gear.align.repa import Projector
@@ -31,6 +32,12 @@ from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, 
 from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, setup_distributed
 from gear.train.ema import EMA
 from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater
+from gear.text.conditioner import TextConditioner, grid_prompts
+
+
+def _first(dataset):
+    """The items of a map-style data set in order, or of a stream as it comes."""
+    return iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
 
 
 @dataclass
@@ -62,8 +69,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.dataset = build_dataset(cfg.data, "train", seed=cfg.train.seed)
-        self.num_classes = len(self.dataset.classes)
+        self.num_classes = max(1, len(self.dataset.classes))  # captioned data without classes: one placeholder
         self.holdout = build_dataset(dataclasses.replace(cfg.data, limit=0), "test")
+        # text conditioning: captions -> encoder features (cached on disk), and the prompts of the sample grids
+        self.text = TextConditioner(cfg.text, getattr(self.dataset, "captions", None), self.device) if cfg.text.encoder else None
         checkpoint = ckpt.checkpoint_path(self.run_dir)
         if not resume and checkpoint.is_file():
             raise ValueError(f"{self.run_dir} already holds a run: continue it with --resume (or `gear resume`), "
@@ -101,7 +110,8 @@ class Trainer:
             self.stage == "ar" and cfg.align.lambda_ar > 0
         )
         if uses_ar:
-            m.generator = generator_from_config(cfg, tokenizer, self.num_classes).to(dev)
+            null = self.text.null if self.text is not None else None
+            m.generator = generator_from_config(cfg, tokenizer, self.num_classes, null).to(dev)
             self.tap_layer = tap_layer(cfg, m.generator.config.n_layer)
         if uses_align:
             m.teacher = build_teacher(cfg.align.teacher, path=cfg.align.teacher_path or None).to(dev)
@@ -122,9 +132,10 @@ class Trainer:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             from gear.models.gpt import Block
+            from gear.models.gpt_t2i import TextBlock
 
             # wraps each block; the wrapper strips its own prefix from state dicts, so checkpoints stay plain
-            apply_activation_checkpointing(m.generator, check_fn=lambda mod: isinstance(mod, Block))
+            apply_activation_checkpointing(m.generator, check_fn=lambda mod: isinstance(mod, (Block, TextBlock)))
         if cfg.train.compile:  # in place: parameter names and state dicts stay those of the plain modules
             for mod in (m.tokenizer, m.generator, m.discriminator):
                 if mod is not None:
@@ -227,7 +238,8 @@ class Trainer:
             self._set_learning_rates()
             step_cfg = self.step_config()
             batch_counts = torch.zeros_like(self.usage_counts)
-            micro_batches = zip(*(x.chunk(accum) for x in (batch.image, batch.label, batch.index)))
+            condition = self.text(batch.caption) if self.text is not None else batch.label  # class labels or captions
+            micro_batches = zip(*(x.chunk(accum) for x in (batch.image, condition, batch.index)))
             for micro, (images, labels, index) in enumerate(micro_batches):
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
@@ -346,16 +358,20 @@ class Trainer:
         if not self.env.is_main:
             return
         tok = self.emas["tokenizer"].module if "tokenizer" in self.emas else self.m.tokenizer
-        images = torch.stack([self.holdout[i].image for i in range(8)]).to(self.device)
+        images = torch.stack([sample.image for _, sample in zip(range(8), _first(self.holdout))]).to(self.device)
         recon = tok.decode(tok.encode(images))
         pairs = torch.stack([images, recon], dim=1).flatten(0, 1)
         save_image_grid(pairs.float().cpu(), self.run_dir / "recon" / f"step_{self.step:07d}.png", nrow=8)
         if gen is None:
             return
         e = self.cfg.eval
-        classes = list(e.sample_classes) or list(range(min(10, self.num_classes)))
-        labels = torch.tensor(classes, device=self.device).repeat_interleave(e.samples_per_class)
-        indices = gen.generate(labels, cfg_scale=e.cfg_scale, seed=0)
+        if self.text is not None:
+            prompts = grid_prompts(self.cfg, self.holdout)
+            condition = self.text(prompts).select(torch.arange(len(prompts)).repeat_interleave(e.samples_per_class))
+        else:
+            classes = list(e.sample_classes) or list(range(min(10, self.num_classes)))
+            condition = torch.tensor(classes, device=self.device).repeat_interleave(e.samples_per_class)
+        indices = gen.generate(condition, cfg_scale=e.cfg_scale, seed=0)
         samples = tok.decode(indices)
         save_image_grid(samples.float().cpu(), self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow=e.samples_per_class)
 
