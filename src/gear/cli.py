@@ -175,13 +175,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
+    import dataclasses
+
     from gear.eval import runs
     from gear.eval.t2i import t2i_metrics
     from gear.text.pipeline import load_text_to_image
 
     scales = tuple(float(s) for s in args.cfg_scales.split(","))
     pipe = load_text_to_image(args.run_dir, ema=not args.live, device=args.device)
-    classifier = runs.reference_classifier(data, cache, device=args.device)
+    if data.name != "fashion-mnist-captions":
+        raise ValueError(f"gear eval t2i measures runs on captioned Fashion-MNIST, not data.name={data.name}")
+    # the same images as plain Fashion-MNIST: the class runs' cached reference classifier
+    classifier = runs.reference_classifier(dataclasses.replace(data, name="fashion-mnist"), cache, device=args.device)
     ceiling = runs.load_pair(args.ceiling, ema=not args.live, device=args.device) if args.ceiling else None
     if ceiling is not None and ceiling[1] is None:
         raise FileNotFoundError(f"--ceiling {args.ceiling} holds no generator: pass a class-conditional ar run")

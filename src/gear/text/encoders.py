@@ -22,6 +22,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -96,6 +97,33 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+@lru_cache(maxsize=2)
+def _load(folder: Path, device: str):
+    """Tokenizer, frozen model and weights digest of a model folder; loaded once per process (they are read-only)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # tokenizers' own threads deadlock in forked data-loader workers
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot load the text encoder in {folder}: {first}") from None
+    if getattr(model.config, "is_encoder_decoder", False):
+        model = model.get_encoder()
+    model = model.to(device).eval().requires_grad_(False)
+    if torch.device(device).type == "cpu":
+        model = model.float()  # bf16 is ~100x slower on CPUs
+    tokenizer.padding_side = "right"  # see the module docstring: rolled to the left after encoding
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model, weights_digest(folder)
+
+
 class TextEncoder:
     """A frozen encoder: ``encode(captions)`` -> TextCondition of (B, max_length, dim) float32 features."""
 
@@ -103,29 +131,9 @@ class TextEncoder:
                  batch_size: int = 64):
         if max_length < 1:
             raise ValueError(f"text max_length must be >= 1, got {max_length}")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        # tokenizers' own threads deadlock in forked data-loader workers
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
         self.name, self.max_length, self.batch_size = name, max_length, batch_size
         self.folder = resolve_encoder_path(name, path)
-        self.weights_sha256 = weights_digest(self.folder)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
-            model = AutoModel.from_pretrained(self.folder, local_files_only=True)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"cannot load text encoder {name} from {self.folder}: {first}") from None
-        if getattr(model.config, "is_encoder_decoder", False):
-            model = model.get_encoder()
-        model = model.to(device).eval().requires_grad_(False)
-        self.model = model.float() if torch.device(device).type == "cpu" else model  # bf16 is ~100x slower on CPUs
-        self.tokenizer.padding_side = "right"  # see the module docstring: rolled to the left after encoding
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer, self.model, self.weights_sha256 = _load(self.folder, str(torch.device(device)))
         self.dim = int(self.model.config.hidden_size)
 
     @property
