@@ -203,3 +203,12 @@ def test_bad_conditions_are_rejected():
         model(tokens, captions([1, 1, 1], length=4))
     with pytest.raises(ValueError, match="text_dim >= 1"):
         GPTConfig(condition="text")
+
+
+def test_dry_run_sizes_gears_text_to_image_ar():
+    from gear.config import load_config
+    from gear.train.dryrun import dry_run
+
+    report = dry_run(load_config("configs/t2i256-ar.yaml"), world_size=8)  # no encoder folder needed
+    assert 1.0e9 < report.parameters["generator"] < 1.1e9 and report.tokens_per_image == 256
+    assert report.memory_gib["activations (estimate)"] > 0

@@ -74,13 +74,11 @@ def resolve_encoder_path(name: str, path: str = "") -> Path:
 
 
 def encoder_dim(name: str, path: str = "") -> int:
-    """The feature size of an encoder without loading it: its config.json when a folder is given, else the registry's."""
-    if path:
-        config = json.loads((resolve_encoder_path(name, path) / "config.json").read_text())
-        return int(config.get("hidden_size") or config.get("d_model"))
+    """The feature size of an encoder without loading it: the registry's, else its folder's config.json."""
     if name in TEXT_ENCODERS and TEXT_ENCODERS[name].dim:
         return TEXT_ENCODERS[name].dim
-    return int(json.loads((resolve_encoder_path(name) / "config.json").read_text())["hidden_size"])
+    config = json.loads((resolve_encoder_path(name, path) / "config.json").read_text())
+    return int(config.get("hidden_size") or config.get("d_model"))
 
 
 def weights_digest(folder: Path) -> str:
