@@ -158,6 +158,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.what == "t2i":
         return _eval_t2i(args, data, cache)
+    if args.what == "gen" and data.name in ("fashion-mnist-captions", "jsonl", "webdataset"):
+        raise ValueError(f"{args.run_dir} is text-conditioned: measure it with `gear eval t2i`")
     tok, gen = runs.load_pair(args.run_dir, ema=not args.live, device=args.device)
     classifier = None
     if args.feature == "classifier" or (args.what == "gen" and data.name == "fashion-mnist"):
