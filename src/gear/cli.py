@@ -111,6 +111,8 @@ def _sample_text(args: argparse.Namespace) -> None:
     from gear.text.grid import save_prompt_grid
     from gear.text.pipeline import load_text_to_image
 
+    if args.classes:
+        raise ValueError(f"{args.run_dir} is text-conditioned: pass prompts (--prompt, --prompts), not --classes")
     prompts = read_prompts(args.prompt, args.prompts)
     if not prompts:
         raise ValueError(f"{args.run_dir} is text-conditioned: pass --prompt TEXT (repeatable) or --prompts FILE")
