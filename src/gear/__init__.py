@@ -9,6 +9,9 @@ The public API::
     tok = gear.load_tokenizer("pretrain256_16384.ckpt", preset="lfq-16")    # a released checkpoint file
     gpt = gear.load_generator("c2i_XL_384.pt", preset="gpt-xl", grid_size=24)
     images = tok.decode(gpt.generate(labels, cfg_scale=1.5, seed=0))
+
+    pipe = gear.load_text_to_image("runs/demo-t2i")   # a text-conditioned run: tokenizer, generator, text encoder
+    images = pipe(["a small bright sneaker"], cfg_scale=3.0, seed=0)
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 from gear.models.autoencoder import TOKENIZER_PRESETS, Tokenizer, TokenizerConfig, build_tokenizer
 from gear.models.gpt import GPT, GPT_PRESETS, GPTConfig, build_generator
 from gear.models.released import RELEASED_SUFFIXES, is_released_file, released_generator, released_tokenizer
+from gear.models.gpt_t2i import TextCondition, TextGPT
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "GPT_PRESETS", "TOKENIZER_PRESETS", "Tokenizer", "TokenizerConfig",
-    "build_generator", "build_tokenizer", "load_generator", "load_tokenizer",
+    "GPT", "GPTConfig", "GPT_PRESETS", "TOKENIZER_PRESETS", "TextCondition", "TextGPT", "Tokenizer", "TokenizerConfig",
+    "build_generator", "build_tokenizer", "is_text_run", "load_generator", "load_text_to_image", "load_tokenizer",
 ]
 
 
@@ -40,10 +44,10 @@ def load_tokenizer(path: str | Path, ema: bool = True, map_location: str = "cpu"
 
 
 def load_generator(path: str | Path, ema: bool = True, map_location: str = "cpu", preset: str | None = None,
-                   **overrides) -> GPT:
+                   **overrides) -> GPT | TextGPT:
     """A generator from a ``save_pretrained`` directory, a run directory (its EMA weights by default), or a
     released checkpoint file with the ``preset`` of its architecture and GPTConfig ``overrides`` (the token
-    grid is not stored in LlamaGen's files: pass ``grid_size=24`` for its 384 px models)."""
+    grid is not stored in LlamaGen's files: pass ``grid_size=24`` for its 384 px models); a TextGPT when it is text-conditioned."""
     from gear.train.build import GENERATOR_DIR, model_dir
 
     if _released(path, preset, overrides):
@@ -60,3 +64,17 @@ def _released(path: str | Path, preset: str | None, overrides: dict) -> bool:
         raise ValueError(f"{path} is not a checkpoint file ({', '.join(RELEASED_SUFFIXES)}): preset and overrides "
                          "apply only to those; a saved model directory carries its own config.json")
     return False
+
+
+def load_text_to_image(run_dir: str | Path, ema: bool = True, device: str = "cpu", encoder_path: str | None = None):
+    """A text-conditioned run's TextToImage pipeline: ``pipe(prompts, cfg_scale=..., seed=...)`` -> images."""
+    from gear.text.pipeline import load_text_to_image as load
+
+    return load(run_dir, ema=ema, device=device, encoder_path=encoder_path)
+
+
+def is_text_run(run_dir: str | Path) -> bool:
+    """True when the run directory's generator is text-conditioned."""
+    from gear.text.pipeline import is_text_run as check
+
+    return check(run_dir)

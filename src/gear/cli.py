@@ -1,4 +1,4 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | convert | serve.
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | eval t2i | convert | serve.
 
 Errors end in one line on stderr, `gear CMD: error: ...`: exit status 2 when the input is wrong (arguments,
 config, files), 1 when the run failed on its own (it diverged, the disk is full); a run stopped by SIGTERM or
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,8 +113,13 @@ def _print_summary(summary, command: str) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import gear
     from gear.sample import SampleSettings, sample_grid
+    from gear.text.pipeline import is_text_run
     from gear.train.build import check_pair
 
+    if is_text_run(args.run_dir):
+        return _sample_text(args)
+    if args.prompt or args.prompts:
+        raise ValueError(f"{args.run_dir} is class-conditional: choose classes with --classes, not prompts")
     tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
     gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
     check_pair(tok, gen)
@@ -122,6 +128,37 @@ def cmd_sample(args: argparse.Namespace) -> None:
     sample_grid(tok, gen, settings, args.out)
     classes = settings.resolved_classes(gen.config.num_classes)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} samples, cfg {args.cfg_scale}")
+
+
+def read_prompts(inline: list[str], path: str | None) -> list[str]:
+    """--prompt values, then the non-blank lines of the --prompts file."""
+    prompts = [p for p in inline if p.strip()]
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"--prompts {file}: no such file (one prompt per line)")
+        from_file = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not from_file:
+            raise ValueError(f"--prompts {file} holds no prompt: write one prompt per line")
+        prompts += from_file
+    return prompts
+
+
+def _sample_text(args: argparse.Namespace) -> None:
+    from gear.text.grid import save_prompt_grid
+    from gear.text.pipeline import load_text_to_image
+
+    if args.classes:
+        raise ValueError(f"{args.run_dir} is text-conditioned: pass prompts (--prompt, --prompts), not --classes")
+    prompts = read_prompts(args.prompt, args.prompts)
+    if not prompts:
+        raise ValueError(f"{args.run_dir} is text-conditioned: pass --prompt TEXT (repeatable) or --prompts FILE")
+    pipe = load_text_to_image(args.run_dir, ema=not args.live, device=args.device)
+    text = pipe.encode(prompts).select(torch.arange(len(prompts)).repeat_interleave(args.per_class))
+    images = pipe.generate(text, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  seed=args.seed)
+    save_prompt_grid(images.cpu(), prompts, args.out, per_prompt=args.per_class)
+    print(f"wrote {args.out}: {len(prompts)} prompts x {args.per_class} samples, cfg {args.cfg_scale}")
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -156,6 +193,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     data = runs.run_data_config(args.run_dir)
     cache = Path(args.cache_dir) if args.cache_dir else None
+    if args.what == "t2i":
+        return _eval_t2i(args, data, cache)
+    if args.what == "gen" and data.name in ("fashion-mnist-captions", "jsonl", "webdataset"):
+        raise ValueError(f"{args.run_dir} is text-conditioned: measure it with `gear eval t2i`")
     tok, gen = runs.load_pair(args.run_dir, ema=not args.live, device=args.device)
     classifier = None
     if args.feature == "classifier" or (args.what == "gen" and data.name == "fashion-mnist"):
@@ -170,6 +211,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics = runs.reconstruction_metrics(tok, data, num=args.num, feature=args.feature, batch_size=args.batch_size,
                                               classifier=classifier, progress=True)
     print(runs.write_json({"run": str(args.run_dir), "what": args.what, **metrics}, args.out))
+
+
+def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
+    import dataclasses
+
+    from gear.eval import runs
+    from gear.eval.t2i import t2i_metrics
+    from gear.text.pipeline import load_text_to_image
+
+    scales = tuple(float(s) for s in args.cfg_scales.split(","))
+    pipe = load_text_to_image(args.run_dir, ema=not args.live, device=args.device)
+    if data.name != "fashion-mnist-captions":
+        raise ValueError(f"gear eval t2i measures runs on captioned Fashion-MNIST, not data.name={data.name}")
+    # the same images as plain Fashion-MNIST: the class runs' cached reference classifier
+    classifier = runs.reference_classifier(dataclasses.replace(data, name="fashion-mnist"), cache, device=args.device)
+    ceiling = runs.load_pair(args.ceiling, ema=not args.live, device=args.device) if args.ceiling else None
+    if ceiling is not None and ceiling[1] is None:
+        raise FileNotFoundError(f"--ceiling {args.ceiling} holds no generator: pass a class-conditional ar run")
+    metrics = t2i_metrics(pipe, data, classifier, num=args.num, cfg_scales=scales, batch_size=args.batch_size,
+                          seed=args.seed, ceiling=ceiling, progress=True)
+    print(runs.write_json({"run": str(args.run_dir), "what": "t2i", "ceiling_run": args.ceiling, **metrics}, args.out))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -241,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2000 to extend")
     s.set_defaults(func=cmd_resume)
 
-    s = sub.add_parser("sample", help="class-conditional sample grid from a run directory")
+    s = sub.add_parser("sample", help="sample grid from a run directory: classes, or prompts for a text-conditioned run")
     s.add_argument("run_dir")
     s.add_argument("--classes", type=class_ids, default=[], help="comma-separated class ids (default: the first up to 10)")
-    s.add_argument("--per-class", type=at_least(1), default=8)
+    s.add_argument("--prompt", action="append", default=[], help="a caption (text-conditioned runs); repeat for more")
+    s.add_argument("--prompts", default=None, help="a text file of captions, one per line (text-conditioned runs)")
+    s.add_argument("--per-class", type=at_least(1), default=8, help="samples per class or per prompt")
     s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale, help="1 = no guidance, 0 = unconditional")
     s.add_argument("--temperature", type=at_least(0.0, float, strict=True), default=1.0)
     s.add_argument("--top-k", type=at_least(0), default=0, help="0 = off")
@@ -264,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_reconstruct)
 
-    s = sub.add_parser("eval", help="metrics of a run: gen (FID, precision/recall, class accuracy) or recon (rFID, PSNR, SSIM)")
-    s.add_argument("what", choices=["gen", "recon"])
+    s = sub.add_parser("eval", help="metrics of a run: gen (FID, precision/recall, class accuracy), recon (rFID, PSNR, "
+                       "SSIM) or t2i (text adherence of a captioned Fashion-MNIST run)")
+    s.add_argument("what", choices=["gen", "recon", "t2i"])
     s.add_argument("run_dir")
     s.add_argument("--num", type=at_least(2), default=1000, help="samples / held-out images (Inception: ~4 images/s on 2 CPU cores)")
     s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale)
@@ -273,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inception: the standard FID network; classifier: the Fashion-MNIST reference classifier (fast)")
     s.add_argument("--batch-size", type=at_least(1), default=50)
     s.add_argument("--seed", type=at_least(0), default=0)
+    s.add_argument("--cfg-scales", default="1.0,3.0", help="t2i: guidance scales to measure (the last one is the headline)")
+    s.add_argument("--ceiling", default=None, help="t2i: a class-conditional run whose class accuracy is the ceiling")
     s.add_argument("--npz", default=None, help="also write the samples as an ADM-evaluator .npz (uint8 NHWC, arr_0)")
     s.add_argument("--cache-dir", default=None, help="where reference statistics and the classifier are cached "
                    "(default $GEAR_CACHE or ~/.cache/gear)")
@@ -312,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     from gear.config import ConfigError
     from gear.train.guard import RunStopped
 
+    # library warnings (a truncated prompt, a skipped sample) as one line each
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"gear {args.command}: warning: {message}\n"
     try:
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:

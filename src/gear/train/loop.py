@@ -37,6 +37,7 @@ from gear.train.guard import Diverged, RunStopped, StepGuard, Verdict, first_non
 from gear.train.preemption import StopSignals
 from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, adamw, apply_all
 from gear.train.targets import TeacherTargets
+from gear.text.conditioner import TextConditioner
 
 
 @dataclass
@@ -69,8 +70,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
 
         self.dataset = build_dataset(cfg.data, "train", seed=cfg.train.seed)
-        self.num_classes = len(self.dataset.classes)
+        self.num_classes = max(1, len(self.dataset.classes))  # captioned data without classes: one placeholder
         self.holdout = build_dataset(dataclasses.replace(cfg.data, limit=0), "test")
+        # text conditioning: captions -> encoder features (cached on disk), and the prompts of the sample grids
+        self.text = TextConditioner(cfg.text, getattr(self.dataset, "captions", None), self.device) if cfg.text.encoder else None
         if not resume and ckpt.has_checkpoint(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds a run: continue it with --resume (or `gear resume`), "
                              "or choose another train.out_dir")
@@ -113,7 +116,8 @@ class Trainer:
             self.stage == "ar" and cfg.align.lambda_ar > 0
         )
         if uses_ar:
-            m.generator = generator_from_config(cfg, tokenizer, self.num_classes).to(dev)
+            null = self.text.null if self.text is not None else None
+            m.generator = generator_from_config(cfg, tokenizer, self.num_classes, null).to(dev)
             self.tap_layer = tap_layer(cfg, m.generator.config.n_layer)
         if uses_align:
             m.teacher = build_teacher(cfg.align.teacher, path=cfg.align.teacher_path or None).to(dev)
@@ -134,9 +138,10 @@ class Trainer:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
             from gear.models.gpt import Block
+            from gear.models.gpt_t2i import TextBlock
 
             # wraps each block; the wrapper strips its own prefix from state dicts, so checkpoints stay plain
-            apply_activation_checkpointing(m.generator, check_fn=lambda mod: isinstance(mod, Block))
+            apply_activation_checkpointing(m.generator, check_fn=lambda mod: isinstance(mod, (Block, TextBlock)))
         if cfg.train.compile:  # in place: parameter names and state dicts stay those of the plain modules
             for mod in (m.tokenizer, m.generator, m.discriminator):
                 if mod is not None:
@@ -248,7 +253,8 @@ class Trainer:
                     self.guard.snapshot(list(self.trained.values()))
                     batch_counts = torch.zeros_like(self.usage_counts)
                     step_metrics = []
-                    micro_batches = zip(*(x.chunk(accum) for x in (batch.image, batch.label, batch.index)))
+                    condition = self.text(batch.caption) if self.text is not None else batch.label  # labels or captions
+                    micro_batches = zip(*(x.chunk(accum) for x in (batch.image, condition, batch.index)))
                     for micro, (images, labels, index) in enumerate(micro_batches):
                         images = images.to(self.device, non_blocking=True)
                         labels = labels.to(self.device, non_blocking=True)

@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from torch.utils.data import IterableDataset
+
 from gear.data.transforms import save_image_grid
+from gear.text.conditioner import grid_prompts
 
 if TYPE_CHECKING:
     from gear.train.loop import Trainer
@@ -20,18 +23,27 @@ def write_grids(trainer: Trainer) -> None:
     if not trainer.env.is_main:
         return
     tok = trainer.emas["tokenizer"].module if "tokenizer" in trainer.emas else trainer.m.tokenizer
-    images = torch.stack([trainer.holdout[i].image for i in range(8)]).to(trainer.device)
+    images = torch.stack([sample.image for _, sample in zip(range(8), _first(trainer.holdout))]).to(trainer.device)
     recon = tok.decode(tok.encode(images))
     pairs = torch.stack([images, recon], dim=1).flatten(0, 1)
     save_image_grid(pairs.float().cpu(), trainer.run_dir / "recon" / f"step_{trainer.step:07d}.png", nrow=8)
     if gen is None:
         return
     e = trainer.cfg.eval
-    classes = list(e.sample_classes) or list(range(min(10, trainer.num_classes)))
-    labels = torch.tensor(classes, device=trainer.device).repeat_interleave(e.samples_per_class)
-    indices = gen.generate(labels, cfg_scale=e.cfg_scale, seed=0)
+    if trainer.text is not None:
+        prompts = grid_prompts(trainer.cfg, trainer.holdout)
+        condition = trainer.text(prompts).select(torch.arange(len(prompts)).repeat_interleave(e.samples_per_class))
+    else:
+        classes = list(e.sample_classes) or list(range(min(10, trainer.num_classes)))
+        condition = torch.tensor(classes, device=trainer.device).repeat_interleave(e.samples_per_class)
+    indices = gen.generate(condition, cfg_scale=e.cfg_scale, seed=0)
     samples = tok.decode(indices)
     save_image_grid(samples.float().cpu(), trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png", nrow=e.samples_per_class)
+
+
+def _first(dataset):
+    """The items of a map-style data set in order, or of a stream as it comes."""
+    return iter(dataset) if isinstance(dataset, IterableDataset) else (dataset[i] for i in range(len(dataset)))
 
 
 def small_fid(trainer: Trainer, writer) -> dict[str, float]:

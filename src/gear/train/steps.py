@@ -26,7 +26,7 @@ from gear.align.repa import repa_loss
 from gear.config import Config, OptimConfig
 from gear.losses.discriminator import hinge_d_loss, hinge_g_loss
 from gear.models.autoencoder import TokenizerOutput
-from gear.models.gpt import SparseSoft, drop_labels
+from gear.models.gpt import SparseSoft
 from gear.models.quantizers import soft_assignment
 
 
@@ -214,7 +214,7 @@ def tokenizer_terms(m: Modules, cfg: StepConfig, images, labels, target, out: To
 def generator_terms(m: Modules, cfg: StepConfig, indices: Tensor, labels, target) -> dict[str, Tensor]:
     """L_NTP + lambda_AR * L_align(hard), on detached hard indices: nothing reaches the tokenizer."""
     tokens = indices.detach().view(indices.shape[0], -1)
-    labels = drop_labels(labels, cfg.class_dropout, unwrap(m.generator).null_class)
+    labels = unwrap(m.generator).drop_condition(labels, cfg.class_dropout)  # class labels or a TextCondition
     use_align = cfg.lambda_ar > 0
     out = m.generator(tokens[:, :-1], labels, tap_layer=cfg.tap_layer if use_align else None)
     terms = {"ntp": next_token_loss(out.logits, tokens)}

@@ -1,0 +1,217 @@
+"""Captioned images from disk: a JSONL manifest, or WebDataset tar shards (GEAR's format).
+
+- ``JsonlCaptions``: one ``{"image": path, "caption": text}`` object per line; relative paths are read from the
+  manifest's folder. A map-style data set (exact resume, any number of processes, as ImageFolder).
+- ``WebDatasetCaptions``: tar shards read with the ``webdataset`` package; a sample is an image (jpg, png, webp, ...)
+  plus a caption in ``.json`` (key ``caption``) or ``.txt``. A stream: every process reads the shards in the same
+  order (shuffled per epoch from the seed) and keeps its own slice of each global batch, so the batches are the
+  one-process run's; a resumed run skips the samples of the steps already done.
+
+Bad samples follow ``data.on_bad_sample``: ``stop`` raises a one-line error naming the sample; ``skip`` counts it
+(``skipped``), warns, and substitutes another sample deterministically (the manifest's next good line; in a stream,
+the process's previous good sample).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset
+
+from gear.data.fmnist_captions import CaptionedSample
+from gear.data.image_folder import EXTENSIONS, load_rgb
+from gear.data.transforms import center_crop, generator_for, hflip, random_crop, resize_short_side, to_tensor_minus1_1
+from gear.data.bad_samples import ON_BAD_SAMPLE, BadSample
+
+
+class SkippedSample(UserWarning):
+    """A bad sample was skipped (data.on_bad_sample=skip)."""
+
+
+def check_caption(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise BadSample(f"caption must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+class _Transform:
+    """Short-side resize, then a random crop and flip (train, drawn from ``generator``) or a center crop."""
+
+    def __init__(self, image_size: int, train: bool, random_flip: bool, crop: str):
+        self.image_size, self.train, self.random_flip, self.crop = image_size, train, random_flip, crop
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
+        pixels = np.asarray(resize_short_side(image, self.image_size, box_prereduce=self.crop == "adm"))
+        if self.train:
+            pixels = random_crop(pixels, self.image_size, generator)
+            if self.random_flip and torch.rand((), generator=generator) < 0.5:
+                pixels = hflip(pixels)
+        else:
+            pixels = center_crop(pixels, self.image_size)
+        return to_tensor_minus1_1(pixels)
+
+
+class _Policy:
+    def __init__(self, on_bad_sample: str, source: str):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
+        self.on_bad_sample, self.source, self.skipped = on_bad_sample, source, 0
+
+    def bad(self, where: str, err: Exception) -> None:
+        """Raise (stop) or count and warn (skip)."""
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if self.on_bad_sample == "stop":
+            raise BadSample(f"{self.source}: bad sample {where} ({reason}); fix or remove it, or set data.on_bad_sample=skip")
+        self.skipped += 1
+        warnings.warn(f"{self.source}: skipped bad sample {where} ({reason}); {self.skipped} so far", SkippedSample,
+                      stacklevel=3)
+
+
+class JsonlCaptions(Dataset):
+    """Images and captions listed in a JSONL manifest."""
+
+    classes = ()
+
+    def __init__(self, manifest: str | os.PathLike, image_size: int = 256, train: bool = True, seed: int = 0,
+                 random_flip: bool = True, crop: str = "resize", on_bad_sample: str = "stop", limit: int | None = None):
+        self.manifest = Path(manifest)
+        if not self.manifest.is_file():
+            raise FileNotFoundError(f"caption manifest {self.manifest} not found; expected a JSONL file of "
+                                    '{"image": path, "caption": text} lines')
+        self.policy = _Policy(on_bad_sample, str(self.manifest))
+        self.transform = _Transform(image_size, train, random_flip, crop)
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.items: list[tuple[Path, str]] = []
+        with open(self.manifest, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                        raise BadSample('expected {"image": path, "caption": text}')
+                    self.items.append((self.manifest.parent / entry["image"], check_caption(entry.get("caption"))))
+                except (json.JSONDecodeError, BadSample) as err:
+                    self.policy.bad(f"at line {lineno}", err)
+        self.items = self.items[:limit]
+        if not self.items:
+            raise ValueError(f"caption manifest {self.manifest} lists no usable image")
+        self.captions = sorted({c for _, c in self.items})
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> CaptionedSample:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            path, text = self.items[i]
+            try:
+                image = load_rgb(path) if path.is_file() else None
+                if image is None:
+                    raise BadSample(f"no such file {path}")
+            except (ValueError, BadSample) as err:
+                self.policy.bad(f"{path.name} (line item {i})", err)
+                continue
+            generator = generator_for(self.seed, self.epoch, i) if self.train else None
+            return CaptionedSample(self.transform(image, generator), torch.tensor(0), index, text)
+        raise BadSample(f"{self.manifest}: no readable image at all")
+
+
+def _decode_webdataset_sample(sample: dict) -> tuple[Image.Image, str]:
+    image_key = next((k for k in sample if "." + k.lower() in EXTENSIONS), None)
+    if image_key is None:
+        raise BadSample(f"no image among {sorted(k for k in sample if not k.startswith('__'))}")
+    try:
+        with Image.open(io.BytesIO(sample[image_key])) as im:
+            image = im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise BadSample(f"unreadable {image_key} image ({type(err).__name__})") from None
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadSample("invalid .json caption") from None
+        text = meta.get("caption") if isinstance(meta, dict) else None
+    elif "txt" in sample:
+        text = sample["txt"].decode("utf-8", errors="strict") if isinstance(sample["txt"], bytes) else sample["txt"]
+    else:
+        raise BadSample("no .json or .txt caption")
+    return image, check_caption(text)
+
+
+class WebDatasetCaptions(IterableDataset):
+    """An endless stream of captioned images from tar shards (``urls``: a brace pattern or a list)."""
+
+    classes = ()
+
+    def __init__(self, urls: str | list[str], image_size: int = 256, train: bool = True, seed: int = 0,
+                 random_flip: bool = True, crop: str = "resize", on_bad_sample: str = "stop"):
+        import webdataset as wds
+
+        self.shards = list(wds.SimpleShardList(urls).urls)
+        missing = [s for s in self.shards if not Path(s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"webdataset shard {missing[0]} not found ({len(missing)} of {len(self.shards)} missing)")
+        self.policy = _Policy(on_bad_sample, "webdataset")
+        self.transform = _Transform(image_size, train, random_flip, crop)
+        self.train, self.seed = train, seed
+        self.position = (0, 0, 1, 1)  # start sample, rank, world size, global batch: set by batch_stream
+
+    def configure(self, start_step: int, rank: int, world_size: int, global_batch: int) -> None:
+        self.position = (start_step * global_batch, rank, world_size, global_batch)
+
+    def _raw(self) -> Iterator[tuple[int, str, dict]]:
+        """(global position, shard, raw sample) forever: epochs of the shards, shuffled per epoch when training."""
+        from webdataset import tarfile_samples
+
+        position, epoch = 0, 0
+        while True:
+            order = list(self.shards)
+            if self.train:
+                perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+                order = [order[i] for i in perm]
+            for shard in order:
+                handler = self._tar_error(shard)
+                for sample in tarfile_samples([{"url": shard}], handler=handler):
+                    yield position, shard, sample
+                    position += 1
+            if position == 0:
+                raise BadSample(f"webdataset shards {self.shards[0]}...: no samples at all")
+            epoch += 1
+
+    def _tar_error(self, shard: str):
+        def handler(err: Exception) -> bool:
+            self.policy.bad(f"in {shard}", err)
+            return True
+        return handler
+
+    def __iter__(self) -> Iterator[CaptionedSample]:
+        start, rank, world, batch = self.position
+        local = batch // world
+        last_good = None
+        for position, shard, sample in self._raw():
+            if position < start or (position % batch) // local != rank:
+                continue
+            try:
+                image, text = _decode_webdataset_sample(sample)
+                generator = generator_for(self.seed, 0, position) if self.train else None
+                last_good = CaptionedSample(self.transform(image, generator), torch.tensor(0), position, text)
+            except BadSample as err:
+                self.policy.bad(f"{sample.get('__key__', '?')} in {shard}", err)
+                if last_good is None:
+                    continue
+            yield last_good
