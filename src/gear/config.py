@@ -155,6 +155,8 @@ def validate(cfg: Config) -> None:
            "must be > 0 when lambda_tok > 0: the projector learns only in the AR update")
     _check(not (t.cache_teacher_features and cfg.data.name == "imagefolder"), "train.cache_teacher_features",
            "cannot be used with imagefolder data (random crops and flips change the teacher's features)")
+    _check(not (cfg.data.code_store and t.stage != "ar"), "data.code_store",
+           f"is read by the ar stage only (this config trains {t.stage!r}): remove it")
     e = cfg.eval
     _check(e.samples_per_class >= 1 and e.fid_samples >= 2 and e.fid_every >= 0, "eval",
            "needs samples_per_class >= 1, fid_samples >= 2, fid_every >= 0")

@@ -30,6 +30,9 @@ class DataConfig:
     num_workers: int = 0
     random_flip: bool = True  # imagefolder train split: horizontal flip with p = 0.5
     crop: str = "resize"  # imagefolder: "resize" (short-side bicubic) | "adm" (box halving first, as ADM)
+    # ar stage: a directory written by `gear extract` holding the training images' codes under the frozen
+    # tokenizer (and the teacher's features): the AR then trains on them without encoding. "" = encode on the fly.
+    code_store: str = ""
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:

@@ -105,6 +105,22 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def resized(self, index: int) -> np.ndarray:
+        """Item ``index`` decoded and short-side resized to image_size (before any crop or flip), uint8 HWC."""
+        image = resize_short_side(load_rgb(self.samples[index][0]), self.image_size, box_prereduce=self.crop == "adm")
+        return np.asarray(image)
+
+    def draws_flip(self, generator: torch.Generator) -> bool:
+        """The flip decision, drawn after the crop offsets (a code store replays this to pick the flipped codes)."""
+        return self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+
+    def flipped(self, index: int, epoch: int) -> bool:
+        """Whether item ``index`` is flipped in ``epoch``, for an image whose resized size is exactly
+        image_size x image_size (its crop is then fixed, and the crop's draws are replayed without decoding)."""
+        generator = generator_for(self.seed, epoch, index)
+        random_crop(np.empty((self.image_size, self.image_size), dtype=np.uint8), self.image_size, generator)
+        return self.draws_flip(generator)
+
     def __getitem__(self, index: int) -> Sample:
         index = int(index)
         generator = generator_for(self.seed, self.epoch, index) if self.train else None
@@ -117,11 +133,10 @@ class ImageFolder(Dataset):
         if self.train and generator is None:
             raise ValueError("a train ImageFolder needs a generator for its random crop; use dataset[index]")
         path, label = self.samples[index]
-        image = resize_short_side(load_rgb(path), self.image_size, box_prereduce=self.crop == "adm")
-        pixels = np.asarray(image)
+        pixels = self.resized(index)
         if self.train:
             pixels = random_crop(pixels, self.image_size, generator)
-            if self.random_flip and torch.rand((), generator=generator) < 0.5:
+            if self.draws_flip(generator):
                 pixels = hflip(pixels)
         else:
             pixels = center_crop(pixels, self.image_size)

@@ -30,7 +30,8 @@ from gear.models.autoencoder import Tokenizer
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
 from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, barrier, setup_distributed
 from gear.train.ema import EMA
-from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater
+from gear.train.code_store import CodeStore
+from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, ar_step_on_codes
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Trainer:
         self.tap_layer = 0  # set when a generator is built
         self.m = self._build_modules()
         self.grid = cfg.data.image_size // self.m.tokenizer.downsample
+        self.code_store = (CodeStore(cfg.data.code_store, self.dataset, cfg.data, self.m.tokenizer, self.m.teacher)
+                           if cfg.data.code_store else None)
         self.trained = self._trained_modules()
         self.emas = {name: EMA(mod, cfg.train.ema_decay) for name, mod in self.trained.items() if name in ("tokenizer", "generator")}
         self.sampling_generator: nn.Module | None = None  # under FSDP: rank 0's plain copy for grids and exports
@@ -209,9 +212,12 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         writer = self._writer()
-        stream = batch_stream(self.dataset, t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size,
-                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
-        step_fn = STEPS[self.stage]
+        if self.code_store is not None:
+            stream = self.code_store.stream(t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size)
+        else:
+            stream = batch_stream(self.dataset, t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size,
+                                  num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        step_fn = ar_step_on_codes if self.code_store is not None else STEPS[self.stage]
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.env.is_main), dynamic_ncols=True,
                    desc=f"{self.stage}")
         start, last_metrics = time.time(), {}
@@ -289,6 +295,8 @@ class Trainer:
     def _teacher_features(self, images: Tensor, index: Tensor) -> Tensor | None:
         if self.m.teacher is None:
             return None
+        if self.code_store is not None:
+            return self.code_store.features_of(index).to(self.device)
         if not self.cfg.train.cache_teacher_features:
             with torch.no_grad():
                 return self.m.teacher(images, self.grid).float()

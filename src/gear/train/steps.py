@@ -277,6 +277,11 @@ def ar_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, label
     return StepResult(metrics, indices)
 
 
+def ar_step_on_codes(m: Modules, opts: dict[str, Updater], cfg: StepConfig, codes, labels, target) -> StepResult:
+    """``ar_step`` on codes precomputed by the frozen tokenizer (a code store): the same update, no encoding."""
+    return StepResult(update_generator(m, opts["generator"], cfg, codes, labels, target), codes)
+
+
 STEPS = {"tokenizer": tokenizer_step, "joint": gear_step, "ar": ar_step}
 
 
