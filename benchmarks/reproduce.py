@@ -28,8 +28,8 @@ Parts:
   ablations  T and lambda_tok of the joint stage (seed 0): rFID, codebook usage, AR FID at ``short_ar_steps``
   families   the tiny LFQ and IBQ presets: GEAR vs LlamaGen-REPA+ (seed 0)
   repa       the alignment set-up of LlamaGen-REPA (seed 0): tap layer, projector width, lambda_ar
-The report (REPORT.md, results.json, plots) goes to --report-dir only once every job of the chosen parts is done;
-before that, a partial report goes to <cache-dir>/report-partial/.
+The report (REPORT.md, results.json, plots) goes to --report-dir only once every job of every part is done;
+before that (or with --parts), a partial report goes to <cache-dir>/report-partial/.
 """
 
 from __future__ import annotations
@@ -111,14 +111,20 @@ class Runner:
         init = str(self.cache.run_dir(job.init)) if job.init else ""
         return resolved_config(job, self.budget, self.cache.extra, out_dir=str(self.cache.run_dir(job)), init_dir=init, **paths)
 
-    def _train(self, cfg, until: int) -> float:
-        """Train the run to ``until`` steps, continuing its checkpoint when there is one; the loop's seconds."""
+    @staticmethod
+    def _trainer(cfg):
+        """The job's Trainer, continuing its checkpoint when there is one."""
         from gear.train import checkpoint as ckpt
         from gear.train.loop import Trainer
 
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=until))
-        resume = ckpt.checkpoint_path(cfg.train.out_dir).is_file()
-        return Trainer(cfg, resume=resume).fit().seconds
+        return Trainer(cfg, resume=ckpt.checkpoint_path(cfg.train.out_dir).is_file())
+
+    @staticmethod
+    def _train_to(trainer, step: int) -> float:
+        """Train on to ``step`` (checkpointed there, as at the end of a run); the loop's seconds. Continuing one
+        Trainer in memory equals resuming from that checkpoint, without rebuilding data, models and teacher."""
+        trainer.cfg.train.steps = step
+        return trainer.fit().seconds
 
     def _checkpoint_step(self, run_dir: Path) -> int:
         from gear.train import checkpoint as ckpt
@@ -131,7 +137,7 @@ class Runner:
         run_dir = self.cache.run_dir(job)
         if self._checkpoint_step(run_dir) == 0 and run_dir.exists():
             shutil.rmtree(run_dir)  # started but never checkpointed: metrics.jsonl is appended to, so start clean
-        seconds = self._train(cfg, job.steps)
+        seconds = self._train_to(self._trainer(cfg), job.steps)
         return {"tokenizer": self.eval_tokenizer(run_dir), "loop_seconds": seconds}
 
     def eval_tokenizer(self, run_dir: Path) -> dict:
@@ -144,9 +150,9 @@ class Runner:
         return {k: float(m[k]) for k in ("rfid", "psnr", "ssim", "codebook_usage", "codebook_perplexity")}
 
     def _run_ar(self, job: Job) -> dict:
-        from gear.train.code_store import extract_for_config
-
         import fcntl
+
+        from gear.train.code_store import extract_for_config
 
         cfg = self._config(job, store=str(self.store))
         self.store.mkdir(parents=True, exist_ok=True)
@@ -160,12 +166,13 @@ class Runner:
         if at == 0 and run_dir.exists():
             shutil.rmtree(run_dir)
         points = [p for p in self.cache.progress(job) if p["step"] <= at]
-        seconds = 0.0
+        seconds, trainer = 0.0, None
         for step in job.evals:
             if step < at or any(p["step"] == step for p in points):
                 continue
             if step > at:
-                seconds += self._train(cfg, step)
+                trainer = trainer or self._trainer(cfg)
+                seconds += self._train_to(trainer, step)
                 at = step
             points.append(self.eval_generation(run_dir, step))
             self.cache.save_progress(job, points)
@@ -273,7 +280,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     if args.worker:
         return None
     c = collect(study, cache)
-    report_dir = args.report_dir if c.complete else args.cache_dir / "report-partial"
+    whole = c.complete and set(parts) == set(PARTS)  # only the whole study replaces the published report
+    report_dir = args.report_dir if whole else args.cache_dir / "report-partial"
     report_dir.mkdir(parents=True, exist_ok=True)
     figures = make_figures(c, report_dir)
     grids = {}
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     results = {"budget": dataclasses.asdict(budget), "complete": c.complete,
                "jobs": [{"name": j.name, "seed": j.seed, "key": cache.key(j), "result": cache.result(j)} for j in study.jobs]}
     (report_dir / "results.json").write_text(json.dumps(results, indent=1))
-    log(f"wrote {report}" + ("" if c.complete else " (partial: the study is not finished)"))
+    log(f"wrote {report}" + ("" if whole else " (partial: the study is not finished, or only some parts were chosen)"))
     return report
 
 

@@ -259,7 +259,8 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
     lines = [
         "# GEAR at small scale on Fashion-MNIST: the paper's claims with equal budgets, controls and seeds", "",
         *(["**PARTIAL: not every job of this study is done; numbers may change.**", ""] if not c.complete else []),
-        f"- Command: `{command}`; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {device}.",
+        f"- Command: `{command}`; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {device}; "
+        f"parts: {', '.join(c.study.parts)}.",
         f"- Tokenizers: warm-up {b.warmup_steps} steps (shared); then {b.joint_steps} more steps per seed for every "
         f"method: joint (GEAR, GEAR lambda_tok=0, STE) or reconstruction only (tokenizer+). Every AR trains afresh for "
         f"{b.ar_steps} steps (batch {b.batch_size}, {b.generator}) on the codes of its frozen tokenizer; seeds "

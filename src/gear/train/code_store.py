@@ -187,6 +187,9 @@ def _write(todo: dict, dataset: Dataset, tokenizer, teacher, grid: int, batch_si
         meta = {"key": key, "items": n, "views": views, "grid": grid, "shape": list(arrays[kind].shape)}
         (tmp[kind] / META).write_text(json.dumps(meta, indent=1))  # last: an entry without it is incomplete
         del arrays[kind]
+        if (path / META).is_file():  # another process wrote the same entry meanwhile: keep that one
+            shutil.rmtree(tmp[kind])
+            continue
         if path.exists():  # an incomplete entry left by a crash
             shutil.rmtree(path)
         os.replace(tmp[kind], path)
