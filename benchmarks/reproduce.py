@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         parser.error(str(err))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.plan:
         parser.error("--device cuda: no CUDA device is visible to torch")
     from gear.config import load_config
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> Path | None:
         print(f"[{(time.time() - start) / 60:6.1f} min] {message}", flush=True)
 
     if args.plan:
-        print("\n".join(plan_lines(study, cache)))
+        print("\n".join(plan_lines(study, cache, cpu=args.device == "cpu")))
         return None
     runner = Runner(budget, cache, data, args.device, log)
     if not args.report_only:

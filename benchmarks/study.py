@@ -384,7 +384,7 @@ def estimate_seconds(study: Study, cache: ResultCache | None = None) -> float:
     return total + COSTS["features"]
 
 
-def plan_lines(study: Study, cache: ResultCache) -> list[str]:
+def plan_lines(study: Study, cache: ResultCache, cpu: bool = True) -> list[str]:
     lines = [f"{'job':34} {'seed':>4} {'kind':>9} {'steps':>6} {'evals':>5}  state"]
     for job in study.jobs:
         state = "done" if cache.result(job) is not None else (
@@ -392,6 +392,9 @@ def plan_lines(study: Study, cache: ResultCache) -> list[str]:
         lines.append(f"{job.name:34} {job.seed:>4} {job.kind:>9} {job.steps:>6} {len(job.evals):>5}  {state}")
     todo = estimate_seconds(study, cache)
     done = sum(cache.result(j) is not None for j in study.jobs)
+    if not cpu:  # COSTS are CPU measurements
+        lines.append(f"{len(study.jobs)} jobs, {done} done; no GPU step costs are measured yet, so no time estimate")
+        return lines
     lines.append(f"{len(study.jobs)} jobs, {done} done; left: estimated {todo / 3600:.1f} h for one process on 2 quiet cores, "
                  f"about {TWO_PROCESSES * todo / 3600:.1f} h with two processes of one thread each (--threads 1, started twice)")
     return lines
