@@ -62,6 +62,8 @@ def test_codes_and_features_equal_the_tokenizer_and_teacher_on_the_fly(tmp_path)
     torch.testing.assert_close(stored, feats.half().float(), atol=2e-3, rtol=2e-3)  # float16, as the feature cache
     again = extract(tmp_path / "store", dataset, data, tok, teacher)
     assert again.wrote == [] and again.codes == done.codes  # a second extraction reuses both entries
+    with pytest.raises(ValueError, match="holds no codes"):  # a run under bf16 autocast needs codes encoded so
+        CodeStore(tmp_path / "store", dataset, data, tok, teacher, bf16=True)
 
 
 def _square_folder(root, n=10, size=16):

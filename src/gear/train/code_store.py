@@ -97,13 +97,13 @@ def _entry_name(kind: str, key: dict) -> str:
     return f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
 
 
-def codes_key(tokenizer: nn.Module, data: dict) -> dict:
-    return {"format": FORMAT, "tokenizer": module_digest(tokenizer), "data": data}
+def codes_key(tokenizer: nn.Module, data: dict, bf16: bool) -> dict:
+    return {"format": FORMAT, "tokenizer": module_digest(tokenizer), "data": data, "bf16": bf16}
 
 
-def features_key(teacher: nn.Module, grid: int, data: dict) -> dict:
+def features_key(teacher: nn.Module, grid: int, data: dict, bf16: bool) -> dict:
     return {"format": FORMAT, "teacher": getattr(teacher, "name", type(teacher).__name__),
-            "teacher_weights": module_digest(teacher), "grid": grid, "data": data}
+            "teacher_weights": module_digest(teacher), "grid": grid, "data": data, "bf16": bf16}
 
 
 # ---------------------------------------------------------------------------- extraction
@@ -142,10 +142,10 @@ def extract(root: str | Path, dataset: Dataset, data: DataConfig, tokenizer: nn.
     dkey = data_key(dataset, data)
     tokenizer = tokenizer.to(device).eval()
     grid = data.image_size // tokenizer.downsample
-    ckey = codes_key(tokenizer, dkey)
+    ckey = codes_key(tokenizer, dkey, bf16)
     jobs = {"codes": (root / _entry_name("codes", ckey), ckey)}
     if teacher is not None:
-        fkey = features_key(teacher, grid, dkey)
+        fkey = features_key(teacher, grid, dkey, bf16)
         jobs["features"] = (root / _entry_name("features", fkey), fkey)
     todo = {kind: job for kind, job in jobs.items() if not (job[0] / META).is_file()}
     if todo:
@@ -211,14 +211,15 @@ def _open_entry(root: Path, kind: str, key: dict, what: str) -> tuple[Path, dict
 
 
 class CodeStore:
-    """The store entries of one ar run, checked against its tokenizer, teacher and data."""
+    """The store entries of one ar run, checked against its tokenizer, teacher, data and precision (``bf16``: the
+    run encodes under bf16 autocast, as on CUDA; such codes are stored apart from float32 ones)."""
 
     def __init__(self, root: str | Path, dataset: Dataset, data: DataConfig, tokenizer: nn.Module,
-                 teacher: nn.Module | None = None):
+                 teacher: nn.Module | None = None, bf16: bool = False):
         self.root, self.dataset = Path(root), dataset
         dkey = data_key(dataset, data)
         self.grid = data.image_size // tokenizer.downsample
-        path, meta = _open_entry(self.root, "codes", codes_key(tokenizer, dkey), "this tokenizer")
+        path, meta = _open_entry(self.root, "codes", codes_key(tokenizer, dkey, bf16), "this tokenizer")
         self.views = int(meta["views"])
         self.codes = np.load(path / "codes.npy", mmap_mode="r")
         self.labels = torch.from_numpy(np.load(path / "labels.npy"))
@@ -227,7 +228,7 @@ class CodeStore:
             raise ValueError(f"{path} holds codes of shape {self.codes.shape}, expected {expected}: delete it and extract again")
         self.features = None
         if teacher is not None:
-            fpath, _ = _open_entry(self.root, "features", features_key(teacher, self.grid, dkey), f"teacher {getattr(teacher, 'name', type(teacher).__name__)}")
+            fpath, _ = _open_entry(self.root, "features", features_key(teacher, self.grid, dkey, bf16), f"teacher {getattr(teacher, 'name', type(teacher).__name__)}")
             self.features = np.load(fpath / "features.npy", mmap_mode="r")
             if self.features.shape[:3] != (len(dataset), self.views, self.grid * self.grid):
                 raise ValueError(f"{fpath} holds features of shape {self.features.shape}: delete it and extract again")

@@ -73,8 +73,8 @@ class Trainer:
         self.tap_layer = 0  # set when a generator is built
         self.m = self._build_modules()
         self.grid = cfg.data.image_size // self.m.tokenizer.downsample
-        self.code_store = (CodeStore(cfg.data.code_store, self.dataset, cfg.data, self.m.tokenizer, self.m.teacher)
-                           if cfg.data.code_store else None)
+        self.code_store = (CodeStore(cfg.data.code_store, self.dataset, cfg.data, self.m.tokenizer, self.m.teacher,
+                                     bf16=isinstance(self._autocast(), torch.autocast)) if cfg.data.code_store else None)
         self.trained = self._trained_modules()
         self.emas = {name: EMA(mod, cfg.train.ema_decay) for name, mod in self.trained.items() if name in ("tokenizer", "generator")}
         self.sampling_generator: nn.Module | None = None  # under FSDP: rank 0's plain copy for grids and exports
