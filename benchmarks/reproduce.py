@@ -24,7 +24,8 @@ Parts:
              ("tokenizer+"), GEAR, GEAR with lambda_tok = 0, STE; then AR runs on them, evaluated densely:
              LlamaGen and LlamaGen-REPA (warm-up tokenizer), LlamaGen+ and LlamaGen-REPA+ (tokenizer+: as many
              tokenizer updates as GEAR's), GEAR, GEAR lambda_tok=0, STE
-  ste        long joint runs (``long_joint_steps``): STE, GEAR, STE at 4x the learning rate; codebook statistics
+  ste        long joint runs (``long_joint_steps``): STE, GEAR, STE at 4x the learning rate (optim.lr: tokenizer
+             and joint AR), STE with 4x the NTP weight on the tokenizer; codebook statistics
   ablations  T and lambda_tok of the joint stage (seed 0): rFID, codebook usage, AR FID at ``short_ar_steps``
   families   the tiny LFQ and IBQ presets: GEAR vs LlamaGen-REPA+ (seed 0)
   repa       the alignment set-up of LlamaGen-REPA (seed 0): tap layer, projector width, lambda_ar

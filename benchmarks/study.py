@@ -324,6 +324,8 @@ def build_study(b: Budget, parts: tuple[str, ...]) -> Study:
         st.long_joint = {"STE": st.add(toks["STE"]), "GEAR": st.add(toks["GEAR"])}
         st.long_joint["STE, lr x4"] = st.add(dataclasses.replace(toks["STE"], name="long-ste-lr4-joint",
                                                                  overrides=(*toks["STE"].overrides, "optim.lr=1.6e-3")))
+        st.long_joint["STE, NTP weight x4"] = st.add(dataclasses.replace(
+            toks["STE"], name="long-ste-ntp4-joint", overrides=(*toks["STE"].overrides, "train.ste_ntp_weight=4.0")))
     short = (b.short_ar_steps,)
     if "ablations" in parts:
         from gear.config import AlignConfig

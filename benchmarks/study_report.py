@@ -303,7 +303,8 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
                 for k, j in c.study.long_joint.items() if (r := c.result(j)) is not None]
         lines += markdown_table(["joint run", "usage", "perplexity", "rFID"], rows) + [
             "", f"After {b.long_joint_steps} joint steps from the warm-up (seed {b.seeds[0]}); the figure shows the training-batch "
-            "statistics along the way. What else changes STE's fate (the NTP weight on the tokenizer) has no option yet.", ""]
+            "statistics along the way. 'lr x4' raises optim.lr (tokenizer and joint AR); 'NTP weight x4' sets "
+            "train.ste_ntp_weight=4 (the NTP loss in the tokenizer update).", ""]
     if c.study.ablations:
         lines += [f"## Ablations (seed {b.seeds[0]} only: no spread)", ""]
         rows = []

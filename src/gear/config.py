@@ -87,6 +87,7 @@ class OptimConfig:
 class TrainConfig:
     stage: str = "joint"                         # tokenizer | joint | ar
     joint_mode: str = "gear"                     # gear | ste (NTP reaches the tokenizer straight-through)
+    ste_ntp_weight: float = 1.0                  # joint_mode=ste: weight of the NTP loss in the tokenizer update
     steps: int = 1000
     batch_size: int = 32                         # global batch, split over processes and accumulation steps
     grad_accum_steps: int = 1                    # micro-batches per optimizer step (per process)
@@ -136,6 +137,8 @@ def validate(cfg: Config) -> None:
     _check(t.stage in STAGES, "train.stage", f"must be one of {STAGES}, got {t.stage!r}")
     _check(t.joint_mode in JOINT_MODES, "train.joint_mode", f"must be one of {JOINT_MODES}, got {t.joint_mode!r}")
     _check(t.steps >= 0, "train.steps", "must be >= 0")
+    _check(t.ste_ntp_weight >= 0 and (t.joint_mode == "ste" or t.ste_ntp_weight == 1.0), "train.ste_ntp_weight",
+           "must be >= 0, and is used by train.joint_mode=ste only")
     _check(t.batch_size > 0, "train.batch_size", "must be > 0")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")

@@ -84,6 +84,7 @@ class StepConfig:
     class_dropout: float
     straight_through: bool                   # joint_mode == "ste": NTP reaches the tokenizer
     soft_statistics: bool = True             # log soft/entropy and soft/top1 (a softmax over K: on log steps only)
+    ste_ntp_weight: float = 1.0              # straight_through: the NTP loss's weight in the tokenizer update
 
     @classmethod
     def from_config(cls, cfg: Config, *, tap_layer: int, class_dropout: float, gan_active: bool = True,
@@ -92,7 +93,8 @@ class StepConfig:
         return cls(temperature=a.temperature, soft_top_k=a.soft_top_k, lambda_tok=a.lambda_tok, lambda_ar=a.lambda_ar,
                    tap_layer=tap_layer, l1_weight=loss.l1_weight, perceptual_weight=loss.perceptual_weight,
                    gan_weight=loss.gan_weight, gan_active=gan_active, class_dropout=class_dropout,
-                   straight_through=cfg.train.joint_mode == "ste", soft_statistics=soft_statistics)
+                   straight_through=cfg.train.joint_mode == "ste", soft_statistics=soft_statistics,
+                   ste_ntp_weight=cfg.train.ste_ntp_weight)
 
 
 @dataclass
@@ -179,7 +181,7 @@ def tokenizer_terms(m: Modules, cfg: StepConfig, images, labels, target, out: To
         if cfg.lambda_tok > 0:
             terms["align_tok"] = cfg.lambda_tok * repa_loss(projector(ar.hidden), target)
         if cfg.straight_through:
-            terms["ntp_tok"] = next_token_loss(ar.logits, out.quant.indices.view(B, -1))
+            terms["ntp_tok"] = cfg.ste_ntp_weight * next_token_loss(ar.logits, out.quant.indices.view(B, -1))
     return terms
 
 
