@@ -28,7 +28,8 @@ Parts:
              and joint AR), STE with 4x the NTP weight on the tokenizer; codebook statistics
   ablations  T and lambda_tok of the joint stage (seed 0): rFID, codebook usage, AR FID at ``short_ar_steps``
   families   the tiny LFQ and IBQ presets: GEAR vs LlamaGen-REPA+ (seed 0)
-  repa       the alignment set-up of LlamaGen-REPA (seed 0): tap layer, projector width, lambda_ar
+  repa       the alignment set-up of LlamaGen-REPA (seed 0): tap layer, projector width, lambda_ar, the teacher's
+             layer and input resolution (its stride-8 stage on 64 px instead of the stride-16 stage on 128 px)
 The report (REPORT.md, results.json, plots) goes to --report-dir only once every job of every part is done;
 before that (or with --parts), a partial report goes to <cache-dir>/report-partial/.
 """

@@ -250,7 +250,8 @@ FAMILIES = ("lfq-tiny", "ibq-tiny")
 REPA_VARIANTS = (("tap layer 1", "align.tap_layer=1"), ("tap layer 3", "align.tap_layer=3"),
                  ("tap layer 4", "align.tap_layer=4"), ("projector 128", "align.projector_dim=128"),
                  ("projector 2048", "align.projector_dim=2048"), ("lambda_ar 0.1", "align.lambda_ar=0.1"),
-                 ("lambda_ar 1.5", "align.lambda_ar=1.5"))
+                 ("lambda_ar 1.5", "align.lambda_ar=1.5"),
+                 ("teacher stride 8 (its stride-8 stage on 64 px)", "align.teacher=efficientnet-lite0-s8"))
 
 
 @dataclass

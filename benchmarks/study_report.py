@@ -325,8 +325,8 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
         lines += [f"## The REPA set-up of LlamaGen-REPA (warm-up tokenizer, seed {b.seeds[0]})", ""]
         rows = [[label, fmt(point_at(c.result(j), b.short_ar_steps))] for label, j in c.study.repa.items()]
         lines += markdown_table(["alignment", f"AR FID @ {b.short_ar_steps}"], rows) + [
-            "", "The teacher (EfficientNet-Lite0, its stride-16 stage at 16 x grid px, 112-d) is fixed: its layer and "
-            "input resolution have no option, so they are not varied here.", ""]
+            "", "Default teacher: EfficientNet-Lite0's stride-16 stage (112-d) on a 16 x grid px input (128 px); the "
+            "stride-8 variant takes the stride-8 stage (40-d) on 64 px. Each variant changes one setting.", ""]
     lines += ["## Figures", "", *[f"![{f}]({f})" for f in figures], ""]
     if grids:
         lines += [f"## Samples (seed {b.seeds[0]}, final AR, one row per class)", ""]
