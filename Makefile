@@ -69,9 +69,12 @@ demo-t2i: venv data
 	$(GEAR) sample $(T2I) --prompts configs/fmnist-t2i-prompts.txt --per-class 8 --cfg-scale 3 --out $(T2I)/samples.png
 
 # benchmarks: ratios measured in one run, never timed tests
+# Two one-thread processes share the study's job cache (runs/reproduce/); rerun to continue an interrupted study.
 reproduce: venv data
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/reproduce.py
+	@mkdir -p runs/reproduce
+	$(PY) benchmarks/reproduce.py --threads 1 --worker > runs/reproduce/worker.log 2>&1 & \
+	$(PY) benchmarks/reproduce.py --threads 1; status=$$?; wait; exit $$status
 
 step-cost: venv data
 	$(PY) benchmarks/step_cost.py --threads 1

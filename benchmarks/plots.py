@@ -65,7 +65,8 @@ def read_metrics(run_dir: Path, keys: tuple[str, ...]) -> dict[str, tuple[list[i
     return out
 
 
-def codebook_over_training(runs: dict[str, tuple[Path, int]], path: Path) -> Path | None:
+def codebook_over_training(runs: dict[str, tuple[Path, int]], path: Path,
+                           xlabel: str = "tokenizer training steps (warm-up, then joint)") -> Path | None:
     """Codebook usage and perplexity (training batches, per log window) of tokenizer-training runs.
 
     ``runs[label] = (run_dir, offset)``: the run's steps are drawn shifted by ``offset`` (a joint run
@@ -82,10 +83,10 @@ def codebook_over_training(runs: dict[str, tuple[Path, int]], path: Path) -> Pat
             steps, values = series[key]
             ax.plot([s + offset for s in steps], values, marker=".", label=label)  # a marker: short runs log one point
     for ax, key in zip(axes, ("codebook usage (per log window)", "codebook perplexity (per log window)")):
-        ax.set_xlabel("tokenizer training steps (warm-up, then joint)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -18,7 +18,7 @@ import torch
 from gear.config import load_config
 from gear.train.batches import batch_stream
 from gear.train.loop import Trainer
-from gear.train.steps import STEPS
+from gear.train.steps import STEPS, apply_all
 
 
 def stepper(config: str, tokenizer: str, out_dir: str):
@@ -30,10 +30,11 @@ def stepper(config: str, tokenizer: str, out_dir: str):
         module.train()
 
     def step() -> None:
-        batch = next(stream)
+        batch = next(stream).samples
         cond = trainer.text(batch.caption) if trainer.text is not None else batch.label
-        target = trainer._teacher_features(batch.image, batch.index)
+        target = trainer.targets(batch.image, batch.index)
         STEPS["ar"](trainer.wrapped, trainer.opts, trainer.step_config(), batch.image, cond, target)
+        apply_all(trainer.opts)
         trainer.step += 1
 
     return step

@@ -47,6 +47,17 @@ def test_teacher_output_shape(teacher, grid):
     assert teacher.feature_dim == 112  # lite0's stride-16 stage
 
 
+def test_the_stride_8_teacher_reads_an_earlier_stage_at_half_the_resolution(teacher):
+    early = build_teacher("efficientnet-lite0-s8")
+    x = images()
+    out = early(x, 8)
+    assert early.name == "efficientnet-lite0-s8" and out.shape == (2, 64, 40) and torch.isfinite(out).all()
+    # the trunk's stride-8 stage on the 64 px input, token by token
+    expected = early.trunk(imagenet_normalize(resize(x, 64)))[-1].flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out, expected)
+    assert teacher.stride == 16 and early.stride == 8
+
+
 def test_teacher_is_frozen_and_stays_in_eval(teacher):
     assert all(not p.requires_grad for p in teacher.parameters())
     x = images().requires_grad_()

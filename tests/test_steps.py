@@ -73,6 +73,8 @@ def test_ntp_reaches_the_tokenizer_only_straight_through(modules, mode):
         cfg = step_cfg(straight_through=True)
         ntp_tok = tokenizer_terms(m, cfg, images, labels, target, out)["ntp_tok"]
         assert any(nonzero(g) for g in grads(ntp_tok, m.tokenizer.encoder.parameters()))
+        heavier = tokenizer_terms(m, step_cfg(straight_through=True, ste_ntp_weight=3.0), images, labels, target, out)
+        torch.testing.assert_close(heavier["ntp_tok"], 3.0 * ntp_tok)  # train.ste_ntp_weight scales the NTP term
     else:
         cfg = step_cfg()
         assert "ntp_tok" not in tokenizer_terms(m, cfg, images, labels, target, out)

@@ -153,6 +153,7 @@ def test_a_truncated_checkpoint_is_refused_and_left_alone(tmp_path, capsys):
         ("align.temperature=-1", "align.temperature"),
         ("train.stage=finetune", "train.stage"),
         ("data.name=cifar", "data.name"),
+        ("train.ste_ntp_weight=2", "train.ste_ntp_weight"),  # the joint configs run GEAR, not STE
     ],
 )
 def test_bad_config_values_stop_with_the_key_named(bad, message, capsys):

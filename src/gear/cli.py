@@ -86,6 +86,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     _print_summary(summary, "train")
 
 
+def cmd_extract(args: argparse.Namespace) -> None:
+    from gear.config import load_config
+    from gear.train.code_store import extract_for_config
+
+    done = extract_for_config(load_config(args.config, args.overrides), batch_size=args.batch_size)
+    for path in (done.codes, done.features):
+        if path is not None:
+            print(f"{path}: {'written' if path.name in done.wrote else 'already there'}")
+    print(f"{done.seconds:.1f} s")
+
+
 def cmd_resume(args: argparse.Namespace) -> None:
     from gear.config import load_config
     from gear.train.loop import Trainer
@@ -297,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the checkpoint in train.out_dir")
     s.add_argument("--dry-run", action="store_true", help="build the models on the meta device, print sizes, exit")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("extract", help="encode the training images once for an ar config (data.code_store=DIR): "
+                       "its codes under the frozen tokenizer and the teacher's features")
+    s.add_argument("config", help="the YAML config of the ar stage")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.code_store=runs/codes")
+    s.add_argument("--batch-size", type=int, default=256, help="images per encoding batch")
+    s.set_defaults(func=cmd_extract)
 
     s = sub.add_parser("resume", help="continue a run from its directory (its config.yaml and checkpoint)")
     s.add_argument("run_dir")

@@ -92,6 +92,7 @@ class OptimConfig:
 class TrainConfig:
     stage: str = "joint"                         # tokenizer | joint | ar
     joint_mode: str = "gear"                     # gear | ste (NTP reaches the tokenizer straight-through)
+    ste_ntp_weight: float = 1.0                  # joint_mode=ste: weight of the NTP loss in the tokenizer update
     steps: int = 1000
     batch_size: int = 32                         # global batch, split over processes and accumulation steps
     grad_accum_steps: int = 1                    # micro-batches per optimizer step (per process)
@@ -156,6 +157,8 @@ def validate(cfg: Config) -> None:
     _check(t.stage in STAGES, "train.stage", f"must be one of {STAGES}, got {t.stage!r}")
     _check(t.joint_mode in JOINT_MODES, "train.joint_mode", f"must be one of {JOINT_MODES}, got {t.joint_mode!r}")
     _check(t.steps >= 0, "train.steps", "must be >= 0")
+    _check(t.ste_ntp_weight >= 0 and (t.joint_mode == "ste" or t.ste_ntp_weight == 1.0), "train.ste_ntp_weight",
+           "must be >= 0, and is used by train.joint_mode=ste only")
     _check(t.batch_size > 0, "train.batch_size", "must be > 0")
     _check(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
@@ -179,6 +182,8 @@ def validate(cfg: Config) -> None:
            "must be > 0 when lambda_tok > 0: the projector learns only in the AR update")
     _check(not (t.cache_teacher_features and cfg.data.name == "imagefolder"), "train.cache_teacher_features",
            "cannot be used with imagefolder data (random crops and flips change the teacher's features)")
+    _check(not (cfg.data.code_store and t.stage != "ar"), "data.code_store",
+           f"is read by the ar stage only (this config trains {t.stage!r}): remove it")
     e = cfg.eval
     _check(e.samples_per_class >= 1 and e.fid_samples >= 2 and e.fid_every >= 0, "eval",
            "needs samples_per_class >= 1, fid_samples >= 2, fid_every >= 0")

@@ -210,6 +210,8 @@ class EfficientNetLiteTrunk(nn.Module):
 
 class EfficientNetLiteTeacher(Teacher):
     """EfficientNet-Lite features at its stride-16 stage (112-d for lite0), input resized to ``16 * grid`` px.
+    ``stride=8`` takes the stride-8 stage instead (40-d for lite0) from ``8 * grid`` px: an earlier layer at a
+    lower input resolution (the ``-s8`` teacher names).
 
     Stride 16 rather than 32: the stride-32 stage needs 4x the pixels for the same grid (256 px for an 8x8
     grid) and costs several times more on CPU, for detail that 32 px images do not have. The stride-16 map is
@@ -218,13 +220,13 @@ class EfficientNetLiteTeacher(Teacher):
     mean/std normalization.
     """
 
-    stride = 16
     cpu_chunk = 8
 
-    def __init__(self, name: str = "efficientnet-lite0", path: str | None = None) -> None:
+    def __init__(self, name: str = "efficientnet-lite0", path: str | None = None, stride: int = 16) -> None:
         super().__init__()
-        self.name = name
-        self.trunk = EfficientNetLiteTrunk(load_efficientnet_lite(name, path), max_stride=self.stride)
+        self.name = name if stride == 16 else f"{name}-s{stride}"
+        self.stride = stride
+        self.trunk = EfficientNetLiteTrunk(load_efficientnet_lite(name, path), max_stride=stride)
         self.feature_dim = self.trunk.stage_channels[-1]
         self.freeze()
 
@@ -321,12 +323,13 @@ def _load_dinov2_transformers(folder: Path) -> DinoV2Teacher:
     return DinoV2Teacher(model, int(model.config.hidden_size), backend="transformers")
 
 
-def _efficientnet_teacher(name: str, path: str | None = None) -> Teacher:
-    return EfficientNetLiteTeacher(name, path)
+def _efficientnet_teacher(name: str, path: str | None = None, stride: int = 16) -> Teacher:
+    return EfficientNetLiteTeacher(name, path, stride)
 
 
 TEACHERS: dict[str, Callable[..., Teacher]] = {
     **{name: partial(_efficientnet_teacher, name) for name in EFFICIENTNET_LITE_WEIGHTS},
+    **{f"{name}-s8": partial(_efficientnet_teacher, name, stride=8) for name in EFFICIENTNET_LITE_WEIGHTS},
     "dinov2-vitb14": load_dinov2,
 }
 

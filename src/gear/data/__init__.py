@@ -42,6 +42,9 @@ class DataConfig:
     # An image that cannot be decoded: "stop" names it and stops; "skip" trains on the next readable one instead
     # (deterministic, listed in the run's bad_samples.jsonl). Fashion-MNIST is checked whole when it is read.
     on_bad_sample: str = "stop"
+    # ar stage: a directory written by `gear extract` holding the training images' codes under the frozen
+    # tokenizer (and the teacher's features): the AR then trains on them without encoding. "" = encode on the fly.
+    code_store: str = ""
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:

@@ -117,6 +117,26 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def resized(self, index: int) -> np.ndarray:
+        """Item ``index`` decoded and short-side resized to image_size (before any crop or flip), uint8 HWC."""
+        path = self.samples[index][0]
+        try:
+            image = _decode_rgb(path)
+        except DECODE_ERRORS as err:
+            raise BadSample(str(path), f"{type(err).__name__}: {err}") from None
+        return np.asarray(resize_short_side(image, self.image_size, box_prereduce=self.crop == "adm"))
+
+    def draws_flip(self, generator: torch.Generator) -> bool:
+        """The flip decision, drawn after the crop offsets (a code store replays this to pick the flipped codes)."""
+        return self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+
+    def flipped(self, index: int, epoch: int) -> bool:
+        """Whether item ``index`` is flipped in ``epoch``, for an image whose resized size is exactly
+        image_size x image_size (its crop is then fixed, and the crop's draws are replayed without decoding)."""
+        generator = generator_for(self.seed, epoch, index)
+        random_crop(np.empty((self.image_size, self.image_size), dtype=np.uint8), self.image_size, generator)
+        return self.draws_flip(generator)
+
     def __getitem__(self, index: int) -> Sample:
         index = int(index)
         if not 0 <= index < len(self):
@@ -132,16 +152,11 @@ class ImageFolder(Dataset):
             raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
         if self.train and generator is None:
             raise ValueError("a train ImageFolder needs a generator for its random crop; use dataset[index]")
-        path, label = self.samples[index]
-        try:
-            image = _decode_rgb(path)
-        except DECODE_ERRORS as err:
-            raise BadSample(str(path), f"{type(err).__name__}: {err}") from None
-        image = resize_short_side(image, self.image_size, box_prereduce=self.crop == "adm")
-        pixels = np.asarray(image)
+        label = self.samples[index][1]
+        pixels = self.resized(index)
         if self.train:
             pixels = random_crop(pixels, self.image_size, generator)
-            if self.random_flip and torch.rand((), generator=generator) < 0.5:
+            if self.draws_flip(generator):
                 pixels = hflip(pixels)
         else:
             pixels = center_crop(pixels, self.image_size)

@@ -28,14 +28,15 @@ from gear.losses.perceptual import build_perceptual_loss
 from gear.train import checkpoint as ckpt
 from gear.train import previews, sharding
 from gear.train.bad_data import BadSampleLog
-from gear.train.batches import batch_stream
+from gear.train.batches import StepBatch, batch_stream
 from gear.models.autoencoder import Tokenizer
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
 from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_process, barrier, setup_distributed
 from gear.train.ema import EMA
+from gear.train.code_store import CodeStore
 from gear.train.guard import Diverged, RunStopped, StepGuard, Verdict, first_non_finite_tensor
 from gear.train.preemption import StopSignals
-from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, adamw, apply_all
+from gear.train.steps import STEPS, DiscriminatorHinge, Modules, StepConfig, Updater, adamw, apply_all, ar_step_on_codes
 from gear.train.targets import TeacherTargets
 from gear.text.conditioner import TextConditioner
 
@@ -81,6 +82,8 @@ class Trainer:
         self.tap_layer = 0  # set when a generator is built
         self.m = self._build_modules()
         self.grid = cfg.data.image_size // self.m.tokenizer.downsample
+        self.code_store = (CodeStore(cfg.data.code_store, self.dataset, cfg.data, self.m.tokenizer, self.m.teacher,
+                                     bf16=isinstance(self._autocast(), torch.autocast)) if cfg.data.code_store else None)
         self.trained = self._trained_modules()
         self.emas = {name: EMA(mod, cfg.train.ema_decay) for name, mod in self.trained.items() if name in ("tokenizer", "generator")}
         self.sampling_generator: nn.Module | None = None  # under FSDP: rank 0's plain copy for grids and exports
@@ -89,7 +92,8 @@ class Trainer:
         self.opts = self._build_optimizers()  # after sharding: FSDP replaces the parameters by DTensors
         self.wrapped = self._wrap_for_processes()
         self.step = 0
-        self.targets = TeacherTargets(self.m.teacher, self.grid, self.device, cache=cfg.train.cache_teacher_features)
+        self.targets = TeacherTargets(self.m.teacher, self.grid, self.device, cache=cfg.train.cache_teacher_features,
+                                      store=self.code_store)
         self.fid_classifier = None  # the reference classifier of small_fid, loaded on first use
         self.usage_counts = torch.zeros(self.m.tokenizer.codebook_size, dtype=torch.long, device=self.device)
         self.guard = StepGuard(cfg.train.max_bad_steps)
@@ -225,9 +229,13 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         writer = self._writer()
-        stream = batch_stream(self.dataset, t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size,
-                              num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
-        step_fn = STEPS[self.stage]
+        if self.code_store is not None:
+            stream = (StepBatch(b, b.index) for b in  # stored codes: nothing is substituted
+                      self.code_store.stream(t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size))
+        else:
+            stream = batch_stream(self.dataset, t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size,
+                                  num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+        step_fn = ar_step_on_codes if self.code_store is not None else STEPS[self.stage]
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.env.is_main), dynamic_ncols=True,
                    desc=f"{self.stage}")
         start, last_metrics, stopped_by = time.time(), {}, ""

@@ -111,6 +111,7 @@ class StepConfig:
     straight_through: bool                   # joint_mode == "ste": NTP reaches the tokenizer
     soft_statistics: bool = True             # log soft/entropy and soft/top1 (a softmax over K: on log steps only)
     soft_branch: str = "exact"               # or "shared": the alignment gradient at the hard tokens (approximate)
+    ste_ntp_weight: float = 1.0              # straight_through: the NTP loss's weight in the tokenizer update
 
     @classmethod
     def from_config(cls, cfg: Config, *, tap_layer: int, class_dropout: float, gan_active: bool = True,
@@ -120,7 +121,8 @@ class StepConfig:
                    tap_layer=tap_layer, l1_weight=loss.l1_weight, perceptual_weight=loss.perceptual_weight,
                    gan_weight=loss.gan_weight, gan_active=gan_active, class_dropout=class_dropout,
                    straight_through=cfg.train.joint_mode == "ste", soft_statistics=soft_statistics,
-                   soft_branch=a.soft_branch)
+                   soft_branch=a.soft_branch,
+                   ste_ntp_weight=cfg.train.ste_ntp_weight)
 
 
 @dataclass
@@ -207,7 +209,7 @@ def tokenizer_terms(m: Modules, cfg: StepConfig, images, labels, target, out: To
         if cfg.lambda_tok > 0:
             terms["align_tok"] = cfg.lambda_tok * repa_loss(projector(ar.hidden), target)
         if cfg.straight_through:
-            terms["ntp_tok"] = next_token_loss(ar.logits, out.quant.indices.view(B, -1))
+            terms["ntp_tok"] = cfg.ste_ntp_weight * next_token_loss(ar.logits, out.quant.indices.view(B, -1))
     return terms
 
 
@@ -347,6 +349,11 @@ def ar_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, label
         indices = unwrap(m.tokenizer).encode(images)
     metrics = update_generator(m, opts["generator"], cfg, indices, labels, target)
     return StepResult(metrics, indices)
+
+
+def ar_step_on_codes(m: Modules, opts: dict[str, Updater], cfg: StepConfig, codes, labels, target) -> StepResult:
+    """``ar_step`` on codes precomputed by the frozen tokenizer (a code store): the same update, no encoding."""
+    return StepResult(update_generator(m, opts["generator"], cfg, codes, labels, target), codes)
 
 
 STEPS = {"tokenizer": tokenizer_step, "joint": gear_step, "ar": ar_step}

@@ -5,21 +5,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from gear.train.code_store import CodeStore
+
 
 class TeacherTargets:
     """``targets(images, index)``: teacher features (B, L, D) in fp32, or None without a teacher.
 
     With ``cache`` (data without augmentation) each image's features are computed once and kept in fp16 on the
-    CPU, keyed by its data-set index."""
+    CPU, keyed by its data-set index. With a ``store`` (``gear extract``) they are read from it by its batch keys."""
 
-    def __init__(self, teacher: nn.Module | None, grid: int, device: torch.device, cache: bool):
-        self.teacher, self.grid, self.device, self.cache = teacher, grid, device, cache
+    def __init__(self, teacher: nn.Module | None, grid: int, device: torch.device, cache: bool,
+                 store: CodeStore | None = None):
+        self.teacher, self.grid, self.device, self.cache, self.store = teacher, grid, device, cache, store
         self.features: dict[int, Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, images: Tensor, index: Tensor) -> Tensor | None:
         if self.teacher is None:
             return None
+        if self.store is not None:
+            return self.store.features_of(index).to(self.device)
         if not self.cache:
             return self.teacher(images, self.grid).float()
         keys = index.tolist()
