@@ -121,8 +121,8 @@ def test_webdataset_shards_stream_captions_and_split_batches_over_ranks(tmp_path
     write_shard(tmp_path / "b.tar", [(f"b{i}", 10 * i, f"caption b{i}", "txt") for i in range(5)])
     urls = str(tmp_path / "{a,b}.tar")
     cfg = DataConfig(name="webdataset", root=urls, image_size=16)
-    one = next(batch_stream(build_dataset(cfg, "train", seed=1), 4, seed=1, start_step=2, rank=0, world_size=1))
-    halves = [next(batch_stream(build_dataset(cfg, "train", seed=1), 4, seed=1, start_step=2, rank=r, world_size=2))
+    one = next(batch_stream(build_dataset(cfg, "train", seed=1), 4, seed=1, start_step=2, rank=0, world_size=1)).samples
+    halves = [next(batch_stream(build_dataset(cfg, "train", seed=1), 4, seed=1, start_step=2, rank=r, world_size=2)).samples
               for r in (0, 1)]
     assert one.caption == halves[0].caption + halves[1].caption  # the one-process batch, split over two ranks
     assert torch.equal(one.image, torch.cat([h.image for h in halves]))
