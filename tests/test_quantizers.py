@@ -227,6 +227,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
     mean = global_mean(x)
     mean.sum().backward()
     torch.save({"mean": mean.detach(), "grad": x.grad}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.barrier()
     dist.destroy_process_group()
 
 

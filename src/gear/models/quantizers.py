@@ -70,10 +70,28 @@ def global_mean(x: Tensor, dim: int = 0) -> Tensor:
     """
     mean = x.mean(dim)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        mean = all_reduce(mean) / dist.get_world_size()
+        mean = _SumOverRanks.apply(mean) / dist.get_world_size()
     return mean
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Blocking all-reduce (sum) whose backward all-reduces the gradient.
+
+    Written out rather than taken from ``torch.distributed.nn.functional`` (deprecated), whose
+    asynchronous work objects could outlive the process group and abort gloo ranks at exit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 def entropy_loss(d: Tensor, temperature: float, ratio: float) -> Tensor:
