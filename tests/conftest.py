@@ -21,6 +21,14 @@ def one_thread(request):
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def t2i_runs(tmp_path_factory):
+    """A tiny text-to-image run (and its tokenizer) shared by the text-to-image and page tests."""
+    from helpers import tiny_t2i_runs
+
+    return tiny_t2i_runs(tmp_path_factory.mktemp("t2i"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

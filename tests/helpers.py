@@ -66,3 +66,28 @@ def tiny_runs(root):
                  "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}"]) == 0
     assert main(["train", "configs/fmnist-ar.yaml", *TINY_RUN, f"train.out_dir={ar}", f"model.tokenizer_init={tok}"]) == 0
     return tok, ar
+
+
+TINY_T2I = [
+    "data.limit=64", "train.batch_size=8", "train.log_every=1", "train.progress=false", "train.ema_decay=0.9",
+    "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}", "align.projector_dim=64",
+    "eval.samples_per_class=1", "text.max_length=16",
+]
+
+
+def t2i_overrides(run_dir, steps, *extra):
+    return [*TINY_T2I, f"train.out_dir={run_dir}", f"train.steps={steps}", f"train.sample_every={steps}",
+            f"train.checkpoint_every={steps}", *extra]
+
+
+def tiny_t2i_runs(root):
+    """A 2-step tokenizer, then a 30-step text-to-image AR on it (MiniLM features cached under root/cache)."""
+    import pytest
+
+    tok, t2i = root / "tok", root / "t2i"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GEAR_CACHE", str(root / "cache"))
+        assert main(["train", "configs/fmnist-tokenizer.yaml", *t2i_overrides(tok, 2)]) == 0
+        assert main(["train", "configs/fmnist-t2i.yaml", *t2i_overrides(t2i, 30, f"model.tokenizer_init={tok}",
+                                                                        "optim.lr=2e-3", "align.lambda_ar=0")]) == 0
+    return tok, t2i

@@ -21,10 +21,11 @@ from gear.sample import SampleSettings
 from gear.serve import check_port
 from gear.serve.curves import PANEL_TITLES, curve_panels, read_metrics
 from gear.serve.explorer import RunExplorer, code_colours
+from gear.text.grid import PromptSettings
 
 gr = pytest.importorskip("gradio", reason="the serve extra (gradio) is not installed: pip install -e '.[serve]'")
 
-from gear.serve.app import build_app, launch, settings_from_page  # noqa: E402
+from gear.serve.app import build_app, launch, prompt_settings_from_page, settings_from_page  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (resolve_root() / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST idx files not installed"
@@ -164,6 +165,47 @@ def test_a_tokenizer_run_gets_no_sampling_tab(runs):
     assert "reconstruct" in {d.api_name for d in demo.fns.values()}
     with pytest.raises(ValueError, match="has no generator"):
         explorer.sample(SampleSettings(classes=(0,)))
+
+
+def test_a_text_run_samples_prompts_as_its_gear_sample_command_does(t2i_runs, tmp_path):
+    from gradio_client import Client
+
+    from gear.data.fmnist_captions import demo_prompts
+
+    explorer = RunExplorer(t2i_runs[1], out_dir=tmp_path / "page")
+    assert explorer.kind == "text" and "minilm-l6 text features (16 tokens)" in explorer.description()
+    assert explorer.default_prompts() == demo_prompts()
+    settings = prompt_settings_from_page("a small dark sneaker\n\n  a bright bag \n", 2, 3.0, 0.9, 20, 0.95, 4)
+    assert settings.prompts == ("a small dark sneaker", "a bright bag")  # blank lines dropped, ends trimmed
+    steps = []
+    result = explorer.sample_prompts(settings, on_token=lambda done, total: steps.append((done, total)))
+    assert steps == [(t, 64) for t in range(1, 65)] and result.num_images == 4
+    argv = shlex.split(result.command)
+    assert argv[3:7] == ["--prompt", "a small dark sneaker", "--prompt", "a bright bag"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert main(argv[1:]) == 0
+    assert np.array_equal(pixels(result.path), pixels(tmp_path / "cli.png"))
+
+    with pytest.raises(ValueError, match="at least one prompt"):
+        explorer.sample_prompts(prompt_settings_from_page(" \n\n", 2, 3.0, 1.0, 0, 1.0, 0))
+    with pytest.raises(ValueError, match="more than the page draws at once"):
+        explorer.sample_prompts(prompt_settings_from_page("\n".join(["a coat"] * 11), 16, 3.0, 1.0, 0, 1.0, 0))
+    with pytest.raises(ValueError, match="not text-conditioned"):
+        RunExplorer(t2i_runs[0]).sample_prompts(settings)
+
+    demo = build_app(explorer)
+    port = free_port()
+    launch(demo, "127.0.0.1", port)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        grid, command, _ = client.predict("a coat", 1, 1.5, 1.0, 0, 1.0, 3, api_name="/generate")
+        assert "--prompt 'a coat' --per-class 1" in command
+        expected = explorer.sample_prompts(PromptSettings(prompts=("a coat",), per_class=1, cfg_scale=1.5, seed=3))
+        assert np.array_equal(pixels(grid), pixels(expected.path))
+        with pytest.raises(Exception, match="at least one prompt"):
+            client.predict("", 1, 1.5, 1.0, 0, 1.0, 3, api_name="/generate")
+    finally:
+        demo.close()
 
 
 def test_cli_errors_are_one_line(runs, tmp_path, capsys):

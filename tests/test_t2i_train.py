@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import t2i_overrides
 from PIL import Image
 
 import gear
@@ -20,30 +21,14 @@ pytestmark = pytest.mark.skipif(
     not (resolve_root() / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST idx files not installed"
 )
 
-TINY = [
-    "data.limit=64", "train.batch_size=8", "train.log_every=1", "train.progress=false", "train.ema_decay=0.9",
-    "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}", "align.projector_dim=64",
-    "eval.samples_per_class=1", "text.max_length=16",
-]
-
-
-def overrides(run_dir, steps, *extra):
-    return [*TINY, f"train.out_dir={run_dir}", f"train.steps={steps}", f"train.sample_every={steps}",
-            f"train.checkpoint_every={steps}", *extra]
-
-
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory):
-    """A 2-step tokenizer, then a 30-step text-to-image AR on it (the feature cache in a temporary GEAR_CACHE)."""
-    root = tmp_path_factory.mktemp("t2i")
+def runs_dir(t2i_runs):
+    """The shared tiny run (tests/conftest.py); its feature cache and a 20-step reference classifier for eval."""
+    tok, _ = t2i_runs
     mp = pytest.MonkeyPatch()
-    mp.setenv("GEAR_CACHE", str(root / "cache"))
+    mp.setenv("GEAR_CACHE", str(tok.parent / "cache"))
     mp.setattr(runs, "CLASSIFIER_STEPS", 20)  # the real one trains 1,500 steps once and is cached
-    tok, t2i = root / "tok", root / "t2i"
-    assert main(["train", "configs/fmnist-tokenizer.yaml", *overrides(tok, 2)]) == 0
-    assert main(["train", "configs/fmnist-t2i.yaml", *overrides(t2i, 30, f"model.tokenizer_init={tok}", "optim.lr=2e-3",
-                                                                 "align.lambda_ar=0")]) == 0
-    yield tok, t2i
+    yield t2i_runs
     mp.undo()
 
 
@@ -84,7 +69,7 @@ def test_bad_prompts_and_encoders_get_one_line_errors(runs_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"gear sample: error: --prompts {empty} holds no prompt: write one prompt per line"
     assert "is text-conditioned: pass --prompt TEXT" in err[1] and "no such file" in err[2] and len(err) == 3
-    assert main(["train", "configs/fmnist-t2i.yaml", *overrides(tmp_path / "q", 1, f"model.tokenizer_init={tok}",
+    assert main(["train", "configs/fmnist-t2i.yaml", *t2i_overrides(tmp_path / "q", 1, f"model.tokenizer_init={tok}",
                                                                  "text.encoder=qwen3-1.7b")]) == 2
     assert capsys.readouterr().err.strip() == ("gear train: error: text encoder qwen3-1.7b loads from a local folder: "
                                                "set text.encoder_path=/path/to/qwen3-1.7b")
@@ -110,9 +95,9 @@ def test_eval_t2i_writes_the_adherence_report(runs_dir, tmp_path):
 def test_text_resume_is_exact(runs_dir, tmp_path):
     tok, _ = runs_dir
     extra = [f"model.tokenizer_init={tok}"]
-    one = Trainer(load_config("configs/fmnist-t2i.yaml", overrides(tmp_path / "one", 4, *extra)))
+    one = Trainer(load_config("configs/fmnist-t2i.yaml", t2i_overrides(tmp_path / "one", 4, *extra)))
     one.fit()
-    half = overrides(tmp_path / "two", 4, *extra, "train.checkpoint_every=2")
+    half = t2i_overrides(tmp_path / "two", 4, *extra, "train.checkpoint_every=2")
     first = Trainer(load_config("configs/fmnist-t2i.yaml", half))
     first.cfg.train.steps = 2
     first.fit()
@@ -128,7 +113,7 @@ def test_the_joint_stage_takes_captions(runs_dir, tmp_path):
     tok, _ = runs_dir
     extra = [f"model.tokenizer_init={tok}"]
     joint = ["train.stage=joint", "loss.perceptual_weight=0", "data.name=fashion-mnist-captions"]
-    assert main(["train", "configs/fmnist-joint.yaml", *overrides(tmp_path / "joint", 2, *extra, *joint,
+    assert main(["train", "configs/fmnist-joint.yaml", *t2i_overrides(tmp_path / "joint", 2, *extra, *joint,
                                                                   "text.encoder=minilm-l6")]) == 0
     summary = json.loads((tmp_path / "joint" / "summary.json").read_text())
     assert {"tok/align_tok", "ar/ntp"} <= set(summary)

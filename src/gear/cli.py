@@ -134,8 +134,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
     gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
     check_pair(tok, gen)
-    settings = SampleSettings(tuple(args.classes), args.per_class, args.cfg_scale, args.temperature, args.top_k,
-                              args.top_p, args.seed)
+    settings = SampleSettings(classes=tuple(args.classes), per_class=args.per_class, cfg_scale=args.cfg_scale,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     sample_grid(tok, gen, settings, args.out)
     classes = settings.resolved_classes(gen.config.num_classes)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} samples, cfg {args.cfg_scale}")
@@ -156,7 +156,7 @@ def read_prompts(inline: list[str], path: str | None) -> list[str]:
 
 
 def _sample_text(args: argparse.Namespace) -> None:
-    from gear.text.grid import save_prompt_grid
+    from gear.text.grid import PromptSettings, sample_prompt_grid
     from gear.text.pipeline import load_text_to_image
 
     if args.classes:
@@ -165,10 +165,9 @@ def _sample_text(args: argparse.Namespace) -> None:
     if not prompts:
         raise ValueError(f"{args.run_dir} is text-conditioned: pass --prompt TEXT (repeatable) or --prompts FILE")
     pipe = load_text_to_image(args.run_dir, ema=not args.live, device=args.device)
-    text = pipe.encode(prompts).select(torch.arange(len(prompts)).repeat_interleave(args.per_class))
-    images = pipe.generate(text, cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  seed=args.seed)
-    save_prompt_grid(images.cpu(), prompts, args.out, per_prompt=args.per_class)
+    settings = PromptSettings(prompts=tuple(prompts), per_class=args.per_class, cfg_scale=args.cfg_scale,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sample_prompt_grid(pipe, settings, args.out)
     print(f"wrote {args.out}: {len(prompts)} prompts x {args.per_class} samples, cfg {args.cfg_scale}")
 
 

@@ -30,15 +30,44 @@ def parse_classes(text: str) -> tuple[int, ...]:
         raise ValueError(f"classes must be comma-separated integers such as 0,3,7, got {text!r}") from None
 
 
-@dataclass(frozen=True)
-class SampleSettings:
-    classes: tuple[int, ...] = ()  # () = the first up to 10 classes
-    per_class: int = DEFAULT_PER_CLASS
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """What every grid shares, class- or text-conditioned: count per row, guidance, filters, seed."""
+
+    per_class: int = DEFAULT_PER_CLASS  # images per row: per class, or per prompt
     cfg_scale: float = EvalConfig.cfg_scale
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+
+    def check_sampling(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first value out of range."""
+        if self.per_class < 1:
+            raise ValueError(f"per-class count must be >= 1, got {self.per_class}")
+        if not self.cfg_scale >= 0:
+            raise ValueError(f"cfg scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.top_k <= vocab_size:
+            raise ValueError(f"top-k must be in 0..{vocab_size} (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be >= 0 and < 2**63, got {self.seed}")
+
+    def sampling_args(self, out: str) -> list[str]:
+        """The `gear sample` options for these values."""
+        return ["--per-class", str(self.per_class), "--cfg-scale", str(float(self.cfg_scale)),
+                "--temperature", str(float(self.temperature)), "--top-k", str(self.top_k),
+                "--top-p", str(float(self.top_p)), "--seed", str(self.seed), "--out", out]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleSettings(Sampling):
+    """A class-conditional grid: one row per class."""
+
+    classes: tuple[int, ...] = ()  # () = the first up to 10 classes
 
     def resolved_classes(self, num_classes: int) -> tuple[int, ...]:
         return self.classes or tuple(range(min(10, num_classes)))
@@ -49,28 +78,14 @@ class SampleSettings:
         bad = [c for c in self.classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"classes {','.join(map(str, bad))} are outside this generator's classes 0..{n - 1}")
-        if self.per_class < 1:
-            raise ValueError(f"per-class count must be >= 1, got {self.per_class}")
-        if not self.cfg_scale >= 0:
-            raise ValueError(f"cfg scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.top_k <= gen.config.vocab_size:
-            raise ValueError(f"top-k must be in 0..{gen.config.vocab_size} (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1] (1 = off), got {self.top_p}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be >= 0 and < 2**63, got {self.seed}")
+        self.check_sampling(gen.config.vocab_size)
 
     def command(self, run_dir: str, out: str = "samples.png") -> str:
         """The `gear sample` line that draws the same grid."""
         args = ["gear", "sample", run_dir]
         if self.classes:
             args += ["--classes", ",".join(map(str, self.classes))]
-        args += ["--per-class", str(self.per_class), "--cfg-scale", str(float(self.cfg_scale)),
-                 "--temperature", str(float(self.temperature)), "--top-k", str(self.top_k),
-                 "--top-p", str(float(self.top_p)), "--seed", str(self.seed), "--out", out]
-        return shlex.join(args)
+        return shlex.join(args + self.sampling_args(out))
 
 
 @torch.no_grad()

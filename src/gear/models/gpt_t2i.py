@@ -21,6 +21,7 @@ Logits and the tapped hidden state cover the image positions only (position t pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -294,8 +295,10 @@ class TextGPT(nn.Module, Pretrained):
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        on_token: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Sample (B, grid_size, grid_size) int64 token grids for captions; the empty caption is the CFG null.
+        ``on_token(done, total)`` is called after each position (progress bars).
 
         The KV cache lives only inside this call; the model runs in eval mode and each module's flag is restored."""
         cfg = self.config
@@ -325,6 +328,8 @@ class TextGPT(nn.Module, Pretrained):
                     logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
                 nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
                 tokens[:, t] = nxt
+                if on_token is not None:
+                    on_token(t + 1, length)
                 if t + 1 < length:
                     x = self.tok_embeddings(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
         finally:

@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402  (installed with gradio)
 from gear.sample import DEFAULT_PER_CLASS, SampleSettings  # noqa: E402
 from gear.serve.curves import PANEL_TITLES, Panel  # noqa: E402
 from gear.serve.explorer import MAX_IMAGES, Reconstruction, RunExplorer  # noqa: E402
+from gear.text.grid import PromptSettings  # noqa: E402
 
 MODELS = "models"  # concurrency id shared by every event that runs the tokenizer or the generator
 REFRESH_SECONDS = 30  # the curves reload themselves while a run is still training
@@ -60,6 +61,14 @@ def settings_from_page(classes, per_class, cfg_scale, temperature, top_k, top_p,
     )
 
 
+def prompt_settings_from_page(prompts, per_prompt, cfg_scale, temperature, top_k, top_p, seed) -> PromptSettings:
+    """The prompt box (one caption per line; blank lines ignored) and the sliders as PromptSettings."""
+    lines = tuple(line.strip() for line in str(prompts or "").splitlines() if line.strip())
+    return PromptSettings(prompts=lines, per_class=_whole(per_prompt, "samples per prompt"),
+                          cfg_scale=_real(cfg_scale, "CFG scale"), temperature=_real(temperature, "temperature"),
+                          top_k=_whole(top_k, "top-k"), top_p=_real(top_p, "top-p"), seed=_whole(seed, "seed"))
+
+
 def token_map_html(r: Reconstruction) -> str:
     """The code indices as a grid of coloured cells, one colour per code."""
     h, w = r.indices.shape
@@ -91,7 +100,7 @@ def build_app(explorer: RunExplorer) -> gr.Blocks:
     with gr.Blocks(title=f"gear: {explorer.run_dir}", analytics_enabled=False) as demo:
         gr.Markdown(f"## gear · `{explorer.run_dir}`\n{explorer.description()}")
         with gr.Tabs():
-            if explorer.kind == "class":
+            if explorer.kind != "tokenizer":
                 _sample_tab(explorer)
             _reconstruct_tab(explorer)
             _curves_tab(explorer, demo)
@@ -100,13 +109,20 @@ def build_app(explorer: RunExplorer) -> gr.Blocks:
 
 
 def _sample_tab(explorer: RunExplorer) -> None:
-    choices = explorer.class_choices()
+    """Class picker or prompt box (by the run's kind), the sampling sliders, the grid and its `gear sample` line."""
+    text = explorer.kind == "text"
     with gr.Tab("Sample", id="sample"):
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                classes = gr.Dropdown(choices=choices, value=[i for _, i in choices[:10]], multiselect=True,
-                                      label="Classes (one row each)", elem_id="classes")
-                per_class = gr.Slider(1, 16, value=DEFAULT_PER_CLASS, step=1, label="Samples per class", elem_id="per-class")
+                if text:
+                    condition = gr.Textbox(value="\n".join(explorer.default_prompts()), lines=6, max_lines=16,
+                                           label="Prompts (one per line, one row each)", elem_id="prompts")
+                else:
+                    choices = explorer.class_choices()
+                    condition = gr.Dropdown(choices=choices, value=[i for _, i in choices[:10]], multiselect=True,
+                                            label="Classes (one row each)", elem_id="classes")
+                per_row = gr.Slider(1, 16, value=DEFAULT_PER_CLASS, step=1,
+                                    label="Samples per prompt" if text else "Samples per class", elem_id="per-class")
                 cfg_scale = gr.Slider(0, 10, value=SampleSettings.cfg_scale, step=0.1, label="CFG scale (1 = no guidance)",
                                       elem_id="cfg-scale")
                 temperature = gr.Slider(0.05, 2, value=1.0, step=0.05, label="Temperature", elem_id="temperature")
@@ -123,18 +139,21 @@ def _sample_tab(explorer: RunExplorer) -> None:
                                      elem_id="command")
                 download = gr.DownloadButton("Download grid PNG", visible=False, elem_id="download")
 
-    def generate(classes, per_class, cfg_scale, temperature, top_k, top_p, seed, progress=gr.Progress()):
+    def generate(condition, per_row, cfg_scale, temperature, top_k, top_p, seed, progress=gr.Progress()):
         def on_token(done: int, total: int) -> None:
             progress((done, total), desc="Sampling tokens", unit="tokens")
 
+        values = (condition, per_row, cfg_scale, temperature, top_k, top_p, seed)
         try:
-            settings = settings_from_page(classes, per_class, cfg_scale, temperature, top_k, top_p, seed)
-            result = explorer.sample(settings, on_token)
+            if text:
+                result = explorer.sample_prompts(prompt_settings_from_page(*values), on_token)
+            else:
+                result = explorer.sample(settings_from_page(*values), on_token)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from None
         return str(result.path), result.command, gr.DownloadButton(value=str(result.path), visible=True)
 
-    button.click(generate, [classes, per_class, cfg_scale, temperature, top_k, top_p, seed], [grid, command, download],
+    button.click(generate, [condition, per_row, cfg_scale, temperature, top_k, top_p, seed], [grid, command, download],
                  api_name="generate", concurrency_id=MODELS, concurrency_limit=1)
 
 

@@ -19,29 +19,34 @@ import torch
 
 from gear.config import load_config
 from gear.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from gear.data.fmnist_captions import demo_prompts
 from gear.data.image_folder import load_rgb
 from gear.data.transforms import square_view, to_uint8_image
 from gear.eval.image_metrics import psnr
 from gear.eval.runs import load_pair
 from gear.models.gpt import GPT
+from gear.models.gpt_t2i import TextGPT
 from gear.sample import SampleSettings, sample_grid
 from gear.serve.curves import Panel, curve_panels, read_metrics
+from gear.text.grid import PromptSettings, sample_prompt_grid
+from gear.text.pipeline import TextToImage, is_text_run, load_text_to_image
 
-RunKind = Literal["tokenizer", "class"]
+RunKind = Literal["tokenizer", "class", "text"]
 MAX_IMAGES = 160  # per grid on the page; `gear sample` draws larger ones
 GOLDEN = 0.6180339887498949
 
 
 def run_kind(gen: GPT | None) -> RunKind:
     """The one place that decides what the page offers for a run: "tokenizer" (no generator: reconstruction and
-    curves only) or "class" (class picker). A text-conditioned generator is to be recognised here as "text",
-    for which the page shows a prompt box instead of the class picker."""
-    return "tokenizer" if gen is None else "class"
+    curves only), "class" (class picker) or "text" (a prompt box)."""
+    if gen is None:
+        return "tokenizer"
+    return "text" if isinstance(gen, TextGPT) else "class"
 
 
 @dataclass
 class SampleResult:
-    path: Path  # the PNG grid, one row per class, as `gear sample` writes it
+    path: Path  # the PNG grid, one row per class or prompt, as `gear sample` writes it
     command: str  # the `gear sample` line that writes the same grid
     num_images: int
 
@@ -75,7 +80,12 @@ class RunExplorer:
         if not config.is_file():
             raise FileNotFoundError(f"{config} not found: pass a run directory written by `gear train`")
         self.config = load_config(config)
-        self.tok, self.gen = load_pair(run_dir, device=device)
+        self.pipe: TextToImage | None = None
+        if is_text_run(run_dir):  # the tokenizer and generator come with the run's text encoder
+            self.pipe = load_text_to_image(run_dir, device=device)
+            self.tok, self.gen = self.pipe.tokenizer, self.pipe.generator
+        else:
+            self.tok, self.gen = load_pair(run_dir, device=device)
         self.kind = run_kind(self.gen)
         self.image_size = self.config.data.image_size
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="gear-serve-"))
@@ -103,6 +113,21 @@ class RunExplorer:
             raise ValueError(f"{n} images is more than the page draws at once ({MAX_IMAGES}); "
                              "pick fewer classes or samples per class, or use the `gear sample` command")
         path = sample_grid(self.tok, self.gen, settings, self.out_dir / f"samples-{next(self._names)}.png", on_token)
+        return SampleResult(path, settings.command(self.run_dir), n)
+
+    def default_prompts(self) -> list[str]:
+        """Prompts to start from: one held-out caption per class on captioned Fashion-MNIST, else none."""
+        return demo_prompts() if self.config.data.name == "fashion-mnist-captions" else []
+
+    def sample_prompts(self, settings: PromptSettings, on_token=None) -> SampleResult:
+        if self.pipe is None:
+            raise ValueError(f"{self.run_dir} is not text-conditioned: pick classes instead of prompts")
+        settings.check(self.gen.config.vocab_size)
+        n = len(settings.prompts) * settings.per_class
+        if n > MAX_IMAGES:
+            raise ValueError(f"{n} images is more than the page draws at once ({MAX_IMAGES}); "
+                             "write fewer prompts or samples per prompt, or use the `gear sample` command")
+        path = sample_prompt_grid(self.pipe, settings, self.out_dir / f"samples-{next(self._names)}.png", on_token)
         return SampleResult(path, settings.command(self.run_dir), n)
 
     # ------------------------------------------------------------------ reconstruction
@@ -144,5 +169,9 @@ class RunExplorer:
                 f"{grid}x{grid} tokens")
         if self.gen is not None:
             g = self.gen.config
-            text += f"; generator {g.n_layer} layers x {g.dim}, {self.gen.num_params() / 1e6:.1f}M parameters, {g.num_classes} classes"
+            text += f"; generator {g.n_layer} layers x {g.dim}, {self.gen.num_params() / 1e6:.1f}M parameters, "
+            if self.pipe is not None:
+                text += f"conditioned on {self.pipe.encoder.name} text features ({g.text_len} tokens)"
+            else:
+                text += f"{g.num_classes} classes"
         return text

@@ -1,14 +1,61 @@
-"""A PNG grid of text-to-image samples: one row per prompt, the prompt written beside its row."""
+"""Text-to-image sample grids: one row per prompt, the prompt written beside its row. The one path that
+`gear sample --prompt` and the page (`gear serve`) take.
+
+``PromptSettings`` holds what decides a grid (prompts, count, guidance, filters, seed), checks it and writes the
+`gear sample` command line that reproduces it; ``sample_prompt_grid`` draws the images and writes the PNG.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from gear.data.transforms import to_uint8_image
+from gear.sample import Sampling
+
+if TYPE_CHECKING:
+    from gear.text.pipeline import TextToImage
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSettings(Sampling):
+    """A text-conditioned grid: one row of ``per_class`` images per prompt."""
+
+    prompts: tuple[str, ...] = ()
+
+    def check(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first setting that cannot be sampled."""
+        if not any(p.strip() for p in self.prompts):
+            raise ValueError("write at least one prompt (one per line)")
+        if any(not p.strip() for p in self.prompts):
+            raise ValueError("a prompt is blank: write one caption per line, no empty lines between")
+        self.check_sampling(vocab_size)
+
+    def command(self, run_dir: str, out: str = "samples.png") -> str:
+        """The `gear sample` line that draws the same grid."""
+        args = ["gear", "sample", run_dir]
+        for prompt in self.prompts:
+            args += ["--prompt", prompt]
+        return shlex.join(args + self.sampling_args(out))
+
+
+@torch.no_grad()
+def sample_prompt_grid(pipe: TextToImage, settings: PromptSettings, out: str | os.PathLike,
+                       on_token: Callable[[int, int], None] | None = None) -> Path:
+    """Sample ``per_class`` images per prompt with the run's pipeline and write the PNG grid; returns its path."""
+    settings.check(pipe.generator.config.vocab_size)
+    prompts = list(settings.prompts)
+    text = pipe.encode(prompts).select(torch.arange(len(prompts)).repeat_interleave(settings.per_class))
+    images = pipe.generate(text, cfg_scale=settings.cfg_scale, temperature=settings.temperature, top_k=settings.top_k,
+                           top_p=settings.top_p, seed=settings.seed, on_token=on_token)
+    return save_prompt_grid(images.cpu(), prompts, out, per_prompt=settings.per_class)
 
 
 def save_prompt_grid(images: torch.Tensor, prompts: list[str], path: str | os.PathLike, per_prompt: int,

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,11 @@ class TextToImage:
 
     @torch.no_grad()
     def generate(self, text: TextCondition, *, cfg_scale: float = 1.5, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None) -> Tensor:
+                 top_p: float = 1.0, seed: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] for encoded captions, decoded by the run's tokenizer."""
         indices = self.generator.generate(text, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          seed=seed)
+                                          seed=seed, on_token=on_token)
         return self.tokenizer.decode(indices).float().clamp(-1, 1)
 
 
