@@ -82,15 +82,16 @@ def test_jsonl_manifest_reads_images_and_handles_bad_samples(tmp_path):
              {"image": "1.png", "caption": "another square"}, {"image": "2.png", "caption": ""}]
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
-    with pytest.raises(BadSample, match=r"train.jsonl: bad sample at line 4 .*data.on_bad_sample=skip"):
+    with pytest.raises(BadSample, match=r"cannot read .*train.jsonl line 4 .*data.on_bad_sample=skip"):
         JsonlCaptions(manifest, image_size=16)
-    with pytest.warns(SkippedSample):
+    with pytest.warns(SkippedSample) as caught:
         ds = JsonlCaptions(manifest, image_size=16, train=False, on_bad_sample="skip")
-    assert len(ds) == 3 and ds.policy.skipped == 2 and ds.captions == ["a grey square", "another square", "broken"]
-    assert ds[0].image.shape == (3, 16, 16) and ds[0].caption == "a grey square"
-    with pytest.warns(SkippedSample, match="broken.png"):
-        substitute = ds[1]
-    assert substitute.caption == "another square" and ds.policy.skipped == 3  # the next good line, counted
+    assert [str(w.message).split(" (")[0].rsplit(" ", 2)[1:] for w in caught] == [["line", "4"], ["line", "5"]]
+    assert len(ds) == 3 and ds.captions == ["a grey square", "another square", "broken"]
+    assert ds[0].image.shape == (3, 16, 16) and ds[0].caption == "a grey square" and ds[0].index == 0
+    substitute = ds[1]  # the next readable item, carrying its own index: the trainer lists the substitution
+    assert substitute.caption == "another square" and substitute.index == 2
+    assert "broken.png" in ds.bad_samples.error(1).source and ds.bad_samples.error(0) is None
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps(lines[1]) + "\n")
     with pytest.raises(BadSample, match="broken.png"):
@@ -132,9 +133,26 @@ def test_webdataset_shards_stream_captions_and_split_batches_over_ranks(tmp_path
 def test_webdataset_bad_samples_stop_or_are_replaced(tmp_path):
     write_shard(tmp_path / "s.tar", [("k0", 5, "first", "json"), ("k1", "bad", "broken", "json"),
                                      ("k2", 7, "", "txt"), ("k3", 9, "last", "txt")])
-    with pytest.raises(BadSample, match="bad sample k1 in .*s.tar"):
+    with pytest.raises(BadSample, match="cannot read k1 in .*s.tar"):
         list(zip(range(4), WebDatasetCaptions(str(tmp_path / "s.tar"), image_size=16, train=False)))
     stream = WebDatasetCaptions(str(tmp_path / "s.tar"), image_size=16, train=False, on_bad_sample="skip")
-    with pytest.warns(SkippedSample):
-        got = [s.caption for _, s in zip(range(4), stream)]
-    assert got == ["first", "first", "first", "last"] and stream.policy.skipped == 2
+    got = [(s.caption, s.index) for _, s in zip(range(4), stream)]
+    # each bad sample's place goes to the next readable one of the slice, so every later position keeps its sample
+    assert got == [("first", 0), ("last", 3), ("last", 3), ("last", 3)]
+    assert sorted(stream.bad_samples.skipped) == [1, 2] and "png image" in stream.bad_samples.error(1).reason
+
+
+def test_a_stream_lists_its_skips_in_the_run_like_an_image_folder(tmp_path):
+    """A training run on shards with bad samples: full batches, the skips in bad_samples.jsonl."""
+    from gear.cli import main
+
+    write_shard(tmp_path / "s.tar", [(f"k{i}", "bad" if i in (2, 5) else 20 * i, f"caption {i}", "txt") for i in range(8)])
+    run = tmp_path / "run"
+    assert main(["train", "configs/fmnist-tokenizer.yaml", "data.name=webdataset", f"data.root={tmp_path / 's.tar'}",
+                 "data.image_size=32", "data.on_bad_sample=skip", "train.batch_size=4", "train.steps=2",
+                 "train.progress=false", f"train.out_dir={run}", "train.sample_every=100", "train.checkpoint_every=2",
+                 "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}"]) == 0
+    listed = [json.loads(line) for line in (run / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["index"], x["replaced_by"]) for x in listed] == [(1, 2, 3), (2, 5, 6)]
+    assert all("in " + str(tmp_path / "s.tar") in x["source"] for x in listed)
+    assert json.loads((run / "summary.json").read_text())["skipped_samples"] == 2

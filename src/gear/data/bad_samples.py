@@ -11,6 +11,10 @@ serves items through ``BadSamples.read``:
 around), so the batch stays full and the substitute depends only on the data: every process, epoch and
 resumed run picks the same one. The returned sample carries its own index (``Sample.index``), which is how the
 trainer sees a substitution (``substitutions``) and lists it in the run directory.
+
+A stream (WebDataset shards) cannot go back to an item: it substitutes the next readable sample of its own slice
+itself and notes what it skipped in a ``StreamBadSamples``, which answers ``error(position)`` as ``BadSamples``
+answers ``error(index)``; the trainer reads either as ``dataset.bad_samples``.
 """
 
 from __future__ import annotations
@@ -71,6 +75,24 @@ class BadSamples(Generic[S]):
         except BadSample as err:
             return err
         return None
+
+
+class StreamBadSamples:
+    """What a stream skipped (``skip``), by stream position; ``stop`` raises at once."""
+
+    def __init__(self, policy: str):
+        if policy not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {policy!r}")
+        self.policy = policy
+        self.skipped: dict[int, BadSample] = {}
+
+    def bad(self, position: int, err: BadSample) -> None:
+        if self.policy == "stop":
+            raise err
+        self.skipped[position] = err
+
+    def error(self, position: int) -> BadSample | None:
+        return self.skipped.get(position)
 
 
 def substitutions(requested: Sequence[int] | torch.Tensor, returned: torch.Tensor) -> list[tuple[int, int]]:

@@ -7,9 +7,11 @@
   order (shuffled per epoch from the seed) and keeps its own slice of each global batch, so the batches are the
   one-process run's; a resumed run skips the samples of the steps already done.
 
-Bad samples follow ``data.on_bad_sample``: ``stop`` raises a one-line error naming the sample; ``skip`` counts it
-(``skipped``), warns, and substitutes another sample deterministically (the manifest's next good line; in a stream,
-the process's previous good sample).
+Bad samples follow ``data.on_bad_sample`` (gear.data.bad_samples): ``stop`` raises a one-line error naming the
+sample; ``skip`` substitutes another one deterministically (the manifest's next readable item; in a stream, the next
+readable sample of the process's own slice) and the trainer lists it in the run's bad_samples.jsonl. A manifest
+line or a tar member that is not a sample at all is reported by the reader (``stop``) or skipped with a
+``SkippedSample`` warning (``skip``).
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 
 from gear.data.fmnist_captions import CaptionedSample
-from gear.data.image_folder import EXTENSIONS, load_rgb
+from gear.data.image_folder import DECODE_ERRORS, EXTENSIONS, decode_rgb
 from gear.data.transforms import center_crop, generator_for, hflip, random_crop, resize_short_side, to_tensor_minus1_1
-from gear.data.bad_samples import ON_BAD_SAMPLE, BadSample
+from gear.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSamples, StreamBadSamples
 
 
 class SkippedSample(UserWarning):
-    """A bad sample was skipped (data.on_bad_sample=skip)."""
+    """A manifest line or tar member that holds no sample was skipped (data.on_bad_sample=skip)."""
 
 
 def check_caption(value) -> str:
@@ -59,20 +61,14 @@ class _Transform:
         return to_tensor_minus1_1(pixels)
 
 
-class _Policy:
-    def __init__(self, on_bad_sample: str, source: str):
-        if on_bad_sample not in ON_BAD_SAMPLE:
-            raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {on_bad_sample!r}")
-        self.on_bad_sample, self.source, self.skipped = on_bad_sample, source, 0
-
-    def bad(self, where: str, err: Exception) -> None:
-        """Raise (stop) or count and warn (skip)."""
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if self.on_bad_sample == "stop":
-            raise BadSample(f"{self.source}: bad sample {where} ({reason}); fix or remove it, or set data.on_bad_sample=skip")
-        self.skipped += 1
-        warnings.warn(f"{self.source}: skipped bad sample {where} ({reason}); {self.skipped} so far", SkippedSample,
-                      stacklevel=3)
+def _not_a_sample(policy: str, source: str, err: Exception) -> None:
+    """A manifest line or tar member that is no sample: raise (stop) or warn and go on (skip)."""
+    if policy not in ON_BAD_SAMPLE:
+        raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {policy!r}")
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if policy == "stop":
+        raise BadSample(source, reason)
+    warnings.warn(f"skipped {source} ({reason}): it holds no sample", SkippedSample, stacklevel=3)
 
 
 class JsonlCaptions(Dataset):
@@ -86,7 +82,6 @@ class JsonlCaptions(Dataset):
         if not self.manifest.is_file():
             raise FileNotFoundError(f"caption manifest {self.manifest} not found; expected a JSONL file of "
                                     '{"image": path, "caption": text} lines')
-        self.policy = _Policy(on_bad_sample, str(self.manifest))
         self.transform = _Transform(image_size, train, random_flip, crop)
         self.train, self.seed, self.epoch = train, seed, 0
         self.items: list[tuple[Path, str]] = []
@@ -100,11 +95,12 @@ class JsonlCaptions(Dataset):
                         raise BadSample('expected {"image": path, "caption": text}')
                     self.items.append((self.manifest.parent / entry["image"], check_caption(entry.get("caption"))))
                 except (json.JSONDecodeError, BadSample) as err:
-                    self.policy.bad(f"at line {lineno}", err)
+                    _not_a_sample(on_bad_sample, f"{self.manifest} line {lineno}", err)
         self.items = self.items[:limit]
         if not self.items:
             raise ValueError(f"caption manifest {self.manifest} lists no usable image")
         self.captions = sorted({c for _, c in self.items})
+        self.bad_samples = BadSamples(on_bad_sample, self._load_item, len(self.items))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -116,19 +112,18 @@ class JsonlCaptions(Dataset):
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
-        for offset in range(len(self)):
-            i = (index + offset) % len(self)
-            path, text = self.items[i]
-            try:
-                image = load_rgb(path) if path.is_file() else None
-                if image is None:
-                    raise BadSample(f"no such file {path}")
-            except (ValueError, BadSample) as err:
-                self.policy.bad(f"{path.name} (line item {i})", err)
-                continue
-            generator = generator_for(self.seed, self.epoch, i) if self.train else None
-            return CaptionedSample(self.transform(image, generator), torch.tensor(0), index, text)
-        raise BadSample(f"{self.manifest}: no readable image at all")
+        return self.bad_samples.read(index)
+
+    def _load_item(self, index: int) -> CaptionedSample:
+        path, text = self.items[index]
+        if not path.is_file():
+            raise BadSample(str(path), "no such file")
+        try:
+            image = decode_rgb(path)
+        except DECODE_ERRORS as err:
+            raise BadSample(str(path), f"{type(err).__name__}: {err}") from None
+        generator = generator_for(self.seed, self.epoch, index) if self.train else None
+        return CaptionedSample(self.transform(image, generator), torch.tensor(0), index, text)
 
 
 def _decode_webdataset_sample(sample: dict) -> tuple[Image.Image, str]:
@@ -166,13 +161,20 @@ class WebDatasetCaptions(IterableDataset):
         missing = [s for s in self.shards if not Path(s).is_file()]
         if missing:
             raise FileNotFoundError(f"webdataset shard {missing[0]} not found ({len(missing)} of {len(self.shards)} missing)")
-        self.policy = _Policy(on_bad_sample, "webdataset")
+        self.on_bad_sample = on_bad_sample
+        self.bad_samples = StreamBadSamples(on_bad_sample)
         self.transform = _Transform(image_size, train, random_flip, crop)
         self.train, self.seed = train, seed
         self.position = (0, 0, 1, 1)  # start sample, rank, world size, global batch: set by batch_stream
 
     def configure(self, start_step: int, rank: int, world_size: int, global_batch: int) -> None:
         self.position = (start_step * global_batch, rank, world_size, global_batch)
+
+    @staticmethod
+    def positions(step: int, rank: int, world_size: int, global_batch: int) -> torch.Tensor:
+        """The stream positions of a process's slice of step ``step``'s batch (what it asks for)."""
+        local = global_batch // world_size
+        return torch.arange(local) + step * global_batch + rank * local
 
     def _raw(self) -> Iterator[tuple[int, str, dict]]:
         """(global position, shard, raw sample) forever: epochs of the shards, shuffled per epoch when training."""
@@ -195,23 +197,25 @@ class WebDatasetCaptions(IterableDataset):
 
     def _tar_error(self, shard: str):
         def handler(err: Exception) -> bool:
-            self.policy.bad(f"in {shard}", err)
+            _not_a_sample(self.on_bad_sample, f"a tar member in {shard}", err)
             return True
         return handler
 
     def __iter__(self) -> Iterator[CaptionedSample]:
         start, rank, world, batch = self.position
         local = batch // world
-        last_good = None
+        waiting = 0  # bad samples of this slice whose place the next readable one takes
         for position, shard, sample in self._raw():
             if position < start or (position % batch) // local != rank:
                 continue
             try:
                 image, text = _decode_webdataset_sample(sample)
-                generator = generator_for(self.seed, 0, position) if self.train else None
-                last_good = CaptionedSample(self.transform(image, generator), torch.tensor(0), position, text)
             except BadSample as err:
-                self.policy.bad(f"{sample.get('__key__', '?')} in {shard}", err)
-                if last_good is None:
-                    continue
-            yield last_good
+                self.bad_samples.bad(position, BadSample(f"{sample.get('__key__', '?')} in {shard}", str(err)))
+                waiting += 1
+                continue
+            generator = generator_for(self.seed, 0, position) if self.train else None
+            good = CaptionedSample(self.transform(image, generator), torch.tensor(0), position, text)
+            for _ in range(waiting + 1):
+                yield good
+            waiting = 0

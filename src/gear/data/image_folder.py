@@ -48,12 +48,12 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 def load_rgb(path: Path) -> Image.Image:
     """Decode an image fully as RGB; a file PIL cannot read raises ValueError naming it."""
     try:
-        return _decode_rgb(path)
+        return decode_rgb(path)
     except DECODE_ERRORS as err:
         raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); remove or replace the file") from None
 
 
-def _decode_rgb(path: Path) -> Image.Image:
+def decode_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
 
@@ -121,7 +121,7 @@ class ImageFolder(Dataset):
         """Item ``index`` decoded and short-side resized to image_size (before any crop or flip), uint8 HWC."""
         path = self.samples[index][0]
         try:
-            image = _decode_rgb(path)
+            image = decode_rgb(path)
         except DECODE_ERRORS as err:
             raise BadSample(str(path), f"{type(err).__name__}: {err}") from None
         return np.asarray(resize_short_side(image, self.image_size, box_prereduce=self.crop == "adm"))

@@ -24,14 +24,13 @@ class BadSampleLog:
 
     def record(self, step: int, replaced: list[tuple[int, int]]) -> None:
         """Every process calls this when any process replaced an item in this step (it gathers them all)."""
-        everything = sorted({pair for part in gather_objects(replaced) for pair in part})
+        mine = [(index, substitute, *self._why(index)) for index, substitute in replaced]
+        everything = sorted({entry for part in gather_objects(mine) for entry in part})
         self.count += len(everything)
         if not self.is_main:
             return
         lines = []
-        for index, substitute in everything:
-            error = self.dataset.bad_samples.error(index)  # decoded once more here: workers keep no record
-            source, reason = (error.source, error.reason) if error is not None else ("?", "readable now")
+        for index, substitute, source, reason in everything:
             lines.append(json.dumps({"step": step, "index": index, "replaced_by": substitute, "source": source,
                                      "error": reason}))
             if index not in self._announced:
@@ -40,3 +39,9 @@ class BadSampleLog:
                            f"(data.on_bad_sample=skip, listed in {self.path})", file=sys.stderr)
         with open(self.path, "a") as f:
             f.write("\n".join(lines) + "\n")
+
+    def _why(self, index: int) -> tuple[str, str]:
+        """(source, reason) of an item this process replaced: a map-style data set decodes it once more (its data
+        workers keep no record); a stream remembers what it skipped."""
+        error = self.dataset.bad_samples.error(index)
+        return (error.source, error.reason) if error is not None else ("?", "readable now")

@@ -78,8 +78,9 @@ def batch_stream(dataset: Dataset, global_batch: int, seed: int, start_step: int
         if global_batch % world_size:
             raise ValueError(f"train.batch_size={global_batch} must be divisible by the {world_size} processes")
         dataset.configure(start_step, rank, world_size, global_batch)
-        for samples in DataLoader(dataset, batch_size=global_batch // world_size, pin_memory=pin_memory):
-            yield StepBatch(samples, samples.index)  # a stream substitutes its bad samples itself (counted there)
+        loader = DataLoader(dataset, batch_size=global_batch // world_size, pin_memory=pin_memory)
+        for step, samples in enumerate(loader, start=start_step):  # a stream substitutes its bad samples itself
+            yield StepBatch(samples, dataset.positions(step, rank, world_size, global_batch))
         return
     sampler = StepBatchSampler(len(dataset), global_batch, seed, start_step, rank, world_size)
     # A private generator: otherwise creating the iterator draws from the global RNG, and a resumed run's
