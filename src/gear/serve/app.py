@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 import os
+import warnings
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # read by gradio at import: no telemetry, no version check
 
@@ -20,6 +21,11 @@ from gear.sample import DEFAULT_PER_CLASS, SampleSettings  # noqa: E402
 from gear.serve.curves import PANEL_TITLES, Panel  # noqa: E402
 from gear.serve.explorer import MAX_IMAGES, Reconstruction, RunExplorer  # noqa: E402
 from gear.text.grid import PromptSettings  # noqa: E402
+
+# gradio's queue statistics call pandas with options pandas 3 deprecates: two console lines per request, none of
+# them about this page.
+warnings.filterwarnings("ignore", message="'future.no_silent_downcasting' is deprecated")
+warnings.filterwarnings("ignore", message="The copy keyword is deprecated")
 
 MODELS = "models"  # concurrency id shared by every event that runs the tokenizer or the generator
 REFRESH_SECONDS = 30  # the curves reload themselves while a run is still training
