@@ -49,23 +49,27 @@ test-browser: venv data $(VENV)/.serve
 serve: $(VENV)/.serve
 	$(GEAR) serve $(DEMO)/ar
 
+# One training stage of a demo: $(1) config, $(2) run directory, $(3) overrides. A stage an interrupted make left
+# with a checkpoint is continued (`gear resume`, which returns at once when the stage had finished).
+stage = if ls $(2)/checkpoints/*.pt >/dev/null 2>&1; then $(GEAR) resume $(2); else $(GEAR) train $(1) train.out_dir=$(2) $(3); fi
+
 # The whole GEAR pipeline on Fashion-MNIST: tokenizer warm-up, joint GEAR training, then the AR on the
 # frozen GEAR tokenizer; a sample grid, a reconstruction grid and a summary land in $(DEMO)/.
 demo: demo-tokenizer
-	$(GEAR) train configs/fmnist-ar.yaml train.out_dir=$(DEMO)/ar model.tokenizer_init=$(DEMO)/joint
+	$(call stage,configs/fmnist-ar.yaml,$(DEMO)/ar,model.tokenizer_init=$(DEMO)/joint)
 	$(GEAR) sample $(DEMO)/ar --per-class 8 --out $(DEMO)/samples.png
 	$(PY) -m gear.demo_summary $(DEMO)
 
 # The demo's stages 0 and 1: tokenizer warm-up, then GEAR joint training (the tokenizer that demo-t2i uses).
 demo-tokenizer: venv data
-	$(GEAR) train configs/fmnist-tokenizer.yaml train.out_dir=$(DEMO)/tokenizer
-	$(GEAR) train configs/fmnist-joint.yaml train.out_dir=$(DEMO)/joint model.tokenizer_init=$(DEMO)/tokenizer
+	$(call stage,configs/fmnist-tokenizer.yaml,$(DEMO)/tokenizer,)
+	$(call stage,configs/fmnist-joint.yaml,$(DEMO)/joint,model.tokenizer_init=$(DEMO)/tokenizer)
 
 # Text-to-image on the demo's frozen GEAR tokenizer (built first when $(DEMO)/joint is missing): captioned
 # Fashion-MNIST encoded by MiniLM-L6, then a grid of held-out prompts in $(T2I)/samples.png.
 demo-t2i: venv data
 	@test -f $(DEMO)/joint/tokenizer/config.json || $(MAKE) demo-tokenizer
-	$(GEAR) train configs/fmnist-t2i.yaml train.out_dir=$(T2I) model.tokenizer_init=$(DEMO)/joint
+	$(call stage,configs/fmnist-t2i.yaml,$(T2I),model.tokenizer_init=$(DEMO)/joint)
 	$(GEAR) sample $(T2I) --prompts configs/fmnist-t2i-prompts.txt --per-class 8 --cfg-scale 3 --out $(T2I)/samples.png
 
 # benchmarks: ratios measured in one run, never timed tests
