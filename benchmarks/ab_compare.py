@@ -16,6 +16,10 @@ Pieces:
   sample-b      generate() at GPT-B, 16 x 16 tokens, batch 4, CFG 1.5, seed 0 (random weights)
 
     .venv/bin/python benchmarks/ab_compare.py --ref HEAD --pieces joint-issue joint-demo --rounds 9 --threads 1
+
+``--compile-a`` runs A with ``torch.compile`` on the modules the trainer compiles under ``train.compile=true``
+(tokenizer, generator, discriminator); with ``--ref HEAD`` and a clean tree that times compiled against eager.
+Give it a few ``--warmup`` calls: the first ones compile (and recompile when the stage toggles ``requires_grad``).
 """
 
 from __future__ import annotations
@@ -96,6 +100,10 @@ def build_joint(spec: dict, seed: int):
     for mod in (tok, gen, projector, m.discriminator):
         if mod is not None:
             mod.train()
+    if os.environ.get("GEAR_AB_COMPILE") == "1":  # as the trainer does under train.compile=true
+        for mod in (tok, gen, m.discriminator):
+            if mod is not None:
+                mod.compile()
     step_cfg = steps.StepConfig.from_config(cfg, tap_layer=tap_layer(cfg, gen.config.n_layer),
                                             class_dropout=gen.config.class_dropout, soft_statistics=False)
     return m, opts, step_cfg, images, labels, target
@@ -180,8 +188,9 @@ def worker(piece: str, seed: int) -> None:
 
 
 class Worker:
-    def __init__(self, src: Path, piece: str, threads: int, seed: int):
-        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    def __init__(self, src: Path, piece: str, threads: int, seed: int, compile: bool = False):
+        env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "GEAR_AB_COMPILE": "1" if compile else "0"}
         cmd = [sys.executable, __file__, "--worker", piece, "--seed", str(seed), "--threads", str(threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         self.ask(None)
@@ -207,8 +216,9 @@ def export_ref(ref: str, into: Path) -> Path:
     return into / "src"
 
 
-def compare(piece: str, sources: dict[str, Path], rounds: int, warmup: int, threads: int, seed: int) -> dict:
-    workers = {name: Worker(src, piece, threads, seed) for name, src in sources.items()}
+def compare(piece: str, sources: dict[str, Path], rounds: int, warmup: int, threads: int, seed: int,
+            compile_a: bool = False) -> dict:
+    workers = {name: Worker(src, piece, threads, seed, compile=compile_a and name == "A") for name, src in sources.items()}
     try:
         for _ in range(warmup):
             for w in workers.values():
@@ -248,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="also write the table to this markdown file")
+    p.add_argument("--compile-a", action="store_true", help="A's modules under torch.compile (as train.compile=true)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -261,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="gear-ab-") as tmp:
         sources = {"A": ROOT / "src", "B": export_ref(args.ref, Path(tmp))}
         for piece in args.pieces:
-            r = compare(piece, sources, args.rounds, args.warmup, args.threads, args.seed)
+            r = compare(piece, sources, args.rounds, args.warmup, args.threads, args.seed, args.compile_a)
             results.append(r)
             print(f"{piece}: A {1000 * r['medians']['A']:.1f} ms, B {1000 * r['medians']['B']:.1f} ms, "
                   f"A/B {r['ratio']:.3f} (per-round {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}); "
