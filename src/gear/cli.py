@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     from gear.config import ConfigError
     from gear.train.guard import RunStopped
 
-    # library warnings (a truncated prompt, a skipped sample) as one line each
+    # library warnings (a truncated prompt, a skipped sample) as one line each, while the command runs
+    previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest, **kw: f"gear {args.command}: warning: {message}\n"
     try:
         args.func(args)
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.command, one_line(err), 1)
     except KeyboardInterrupt:
         return _fail(args.command, "interrupted", 130)
+    finally:
+        warnings.formatwarning = previous_format
     return 0
 
 
