@@ -192,6 +192,8 @@ def test_a_text_run_samples_prompts_as_its_gear_sample_command_does(t2i_runs, tm
         explorer.sample_prompts(prompt_settings_from_page("\n".join(["a coat"] * 11), 16, 3.0, 1.0, 0, 1.0, 0))
     with pytest.raises(ValueError, match="not text-conditioned"):
         RunExplorer(t2i_runs[0]).sample_prompts(settings)
+    with pytest.raises(ValueError, match="is text-conditioned: write prompts"):
+        explorer.sample(SampleSettings(classes=(0,)))
 
     demo = build_app(explorer)
     port = free_port()

@@ -105,6 +105,8 @@ class RunExplorer:
     def sample(self, settings: SampleSettings, on_token=None) -> SampleResult:
         if self.gen is None:
             raise ValueError(f"{self.run_dir} has no generator (a tokenizer run): sample from a joint or ar run")
+        if self.pipe is not None:
+            raise ValueError(f"{self.run_dir} is text-conditioned: write prompts instead of picking classes")
         if not settings.classes:
             raise ValueError("pick at least one class")
         settings.check(self.gen)
