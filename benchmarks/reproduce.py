@@ -9,9 +9,10 @@
     .venv/bin/python benchmarks/reproduce.py --threads 1 --worker &   # a second process on the same cache
 
 Every training run is a job whose result is cached on disk under ``--cache-dir`` (default runs/reproduce/), keyed
-by (name, seed, a hash of its resolved config, the key of the tokenizer it starts from, its evaluation steps):
+by (name, seed, a hash of its resolved config, the key of the tokenizer it starts from, a tokenizer job's length):
 an interrupted study continues where it stopped (an AR run from its last evaluation), and a changed setting
-reruns only the jobs it touches. Two processes may work on one cache at once (each job is claimed with a lock
+reruns only the jobs it touches. An AR run's length is not in its key: a larger --ar-steps continues the cached
+AR runs from their last checkpoint (a run is a prefix of a longer one) and keeps their evaluations. Two processes may work on one cache at once (each job is claimed with a lock
 file; ``--worker`` runs jobs and leaves the report to the other): that is how ``make reproduce`` uses both
 cores. The AR stages train on a code store (``gear extract``) shared by every job, so an AR step costs what the
 AR alone costs: no encoding, no teacher.
@@ -126,7 +127,10 @@ class Runner:
         """Train on to ``step`` (checkpointed there, as at the end of a run); the loop's seconds. Continuing one
         Trainer in memory equals resuming from that checkpoint, without rebuilding data, models and teacher."""
         trainer.cfg.train.steps = step
-        return trainer.fit().seconds
+        summary = trainer.fit()
+        if summary.stopped_by:  # checkpointed short of ``step``: nothing to evaluate; rerun to continue
+            raise SystemExit(f"stopped by {summary.stopped_by} at step {summary.step}; run again to continue the study")
+        return summary.seconds
 
     def _checkpoint_step(self, run_dir: Path) -> int:
         from gear.train import checkpoint as ckpt

@@ -23,7 +23,7 @@ class Budget:
 
     warmup_steps: int = 400                # tokenizer warm-up, once per tokenizer family, shared by every seed
     joint_steps: int = 200                 # joint stage (GEAR, STE, ...) = extra reconstruction steps of tokenizer+
-    ar_steps: int = 1200                   # the AR budget of the main comparison, the same for every method
+    ar_steps: int = 3000                   # the AR budget of the main comparison, the same for every method
     dense_until: int = 600                 # FID every dense_every AR steps up to here (the steep part) ...
     dense_every: int = 50
     sparse_every: int = 200                # ... then every sparse_every steps
@@ -110,6 +110,10 @@ class Job:
 
 
 PATH_KEYS = (("train", "out_dir"), ("model", "tokenizer_init"), ("data", "code_store"), ("train", "progress"))
+# An AR run is a prefix of a longer one (constant learning rate after warm-up; data order and dropout seeded by the
+# step), so its key leaves out its length and whatever follows from it: a larger --ar-steps continues the cached
+# runs from their last checkpoint, and their evaluations so far are kept by step.
+AR_LENGTH_KEYS = (("train", "steps"), ("train", "sample_every"), ("train", "checkpoint_every"), ("train", "log_every"))
 
 
 def resolved_config(job: Job, budget: Budget, extra: list[str], out_dir: str = "", init_dir: str = "", store: str = ""):
@@ -134,11 +138,11 @@ def job_key(job: Job, budget: Budget, extra: list[str]) -> str:
 @functools.lru_cache(maxsize=None)
 def _job_key(job: Job, budget: Budget, extra: tuple[str, ...]) -> str:
     cfg = resolved_config(job, budget, list(extra)).to_dict()
-    for section, key in PATH_KEYS:
+    for section, key in PATH_KEYS + (AR_LENGTH_KEYS if job.kind == "ar" else ()):
         cfg[section].pop(key, None)
     evaluation = {"fid_samples": budget.fid_samples, "recon_samples": budget.recon_samples}
     spec = {"kind": job.kind, "config": cfg, "init": _job_key(job.init, budget, extra) if job.init else None,
-            "evals": list(job.evals), "evaluation": evaluation}
+            "evals": None if job.kind == "ar" else list(job.evals), "evaluation": evaluation}
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -173,7 +177,12 @@ class ResultCache:
 
     def result(self, job: Job) -> dict | None:
         path = self.dir(job) / "result.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        result = json.loads(path.read_text())
+        if job.kind == "ar" and not any(p["step"] == job.steps for p in result.get("points", [])):
+            return None  # a shorter budget's run: it continues to this one's length
+        return result
 
     def save_result(self, job: Job, result: dict) -> None:
         self._write(self.dir(job) / "result.json", result)

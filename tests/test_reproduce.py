@@ -114,12 +114,15 @@ def test_job_keys_follow_what_a_job_computes():
     changed = [
         study.job_key(dataclasses.replace(gear, overrides=("align.lambda_ar=0.25",)), SMALL, []),
         study.job_key(dataclasses.replace(gear, seed=7), SMALL, []),
-        study.job_key(dataclasses.replace(gear, evals=(40,)), SMALL, []),
         study.job_key(gear, SMALL, ["optim.lr=1e-3"]),
         study.job_key(gear, dataclasses.replace(SMALL, fid_samples=30), []),
         study.job_key(dataclasses.replace(gear, init=dataclasses.replace(gear.init, steps=4)), SMALL, []),  # its tokenizer
     ]
     assert key not in changed and len(set(changed)) == len(changed)
+    # an AR run is a prefix of a longer one: its length and evaluations are not part of its key (a tokenizer's are)
+    longer = dataclasses.replace(gear, steps=80, evals=(10, 40, 80))
+    assert study.job_key(longer, dataclasses.replace(SMALL, ar_steps=80), []) == key
+    assert study.job_key(dataclasses.replace(gear.init, steps=9), SMALL, []) != study.job_key(gear.init, SMALL, [])
     # where runs are written is not part of what they compute
     paths = study.resolved_config(gear, SMALL, [], out_dir="/a", init_dir="/b", store="/c")
     assert paths.train.out_dir == "/a" and paths.model.tokenizer_init == "/b" and paths.data.code_store == "/c"
@@ -131,8 +134,10 @@ def test_the_cache_keeps_results_progress_and_locks(tmp_path):
     assert cache.result(job) is None and cache.progress(job) == []
     cache.save_progress(job, [{"step": 10, "fid": 50.0}])
     assert cache.progress(job) == [{"step": 10, "fid": 50.0}] and cache.result(job) is None
-    cache.save_result(job, {"points": [{"step": 10, "fid": 50.0}]})
+    cache.save_result(job, {"points": [{"step": 10, "fid": 50.0}, {"step": job.steps, "fid": 20.0}]})
     assert study.ResultCache(tmp_path, SMALL, []).result(job)["points"][0]["fid"] == 50.0  # a new process sees it
+    longer = dataclasses.replace(job, steps=2 * job.steps, evals=(*job.evals, 2 * job.steps))
+    assert cache.dir(longer) == cache.dir(job) and cache.result(longer) is None  # a larger budget continues the run
     assert cache.dir(job).name.startswith("gear-ar-s1-")
     assert study.ResultCache(tmp_path, SMALL, ["optim.lr=1e-3"]).result(job) is None  # other settings, other key
 
