@@ -225,7 +225,9 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
     g, t = c.tokenizer("GEAR", "rfid"), c.tokenizer("tokenizer+", "rfid")
     if g and t:
         cmp = compare_lower_better(g, t)
-        verdict = {"higher": "not reproduced"}.get(cmp, "reproduced")
+        # kept: lower, or within seed noise; one seed cannot tell a small loss from noise
+        verdict = {"higher": "not reproduced", "lower": "reproduced", "within seed noise": "reproduced"}.get(
+            cmp, "inconclusive (one seed)")
         out.append(("Reconstruction kept or improved (rFID, GEAR vs tokenizer+)", verdict,
                     f"GEAR {fmt_spread(g)} vs tokenizer+ {fmt_spread(t)} ({cmp}); warm-up {fmt_spread(c.tokenizer('warm-up', 'rfid'))}"))
     else:
