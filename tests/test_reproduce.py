@@ -298,3 +298,10 @@ def test_quick_study_interrupted_and_continued_writes_a_full_report(tmp_path, mo
     assert f"{len(results['jobs'])} jobs, {len(results['jobs'])} done" in again.stdout
     if plots.have_matplotlib():
         assert (report_dir / "fid_vs_steps.png").is_file() and (report_dir / "codebook_vs_joint_steps.png").is_file()
+    # a longer AR budget continues the cached AR runs: the new steps only, the earlier evaluations kept
+    before = json.loads((run.parent / "progress.json").read_text())
+    reproduce.main([*args, "--parts", "main", "--ar-steps", str(budget.ar_steps + 4)])
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "ar/ntp" in x]
+    assert steps == list(range(1, budget.ar_steps + 5))  # every step trained once, in order
+    after = json.loads((run.parent / "progress.json").read_text())
+    assert after[: len(before)] == before and after[-1]["step"] == budget.ar_steps + 4
