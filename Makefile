@@ -50,8 +50,8 @@ serve: $(VENV)/.serve
 	$(GEAR) serve $(DEMO)/ar
 
 # One training stage of a demo: $(1) config, $(2) run directory, $(3) overrides. A stage an interrupted make left
-# with a checkpoint is continued (`gear resume`, which returns at once when the stage had finished).
-stage = if ls $(2)/checkpoints/*.pt >/dev/null 2>&1; then $(GEAR) resume $(2); else $(GEAR) train $(1) train.out_dir=$(2) $(3); fi
+# with a checkpoint is continued (a finished one returns at once); one that stops early stops the make.
+stage = $(PY) scripts/demo_stage.py $(1) $(2) $(3)
 
 # The whole GEAR pipeline on Fashion-MNIST: tokenizer warm-up, joint GEAR training, then the AR on the
 # frozen GEAR tokenizer; a sample grid, a reconstruction grid and a summary land in $(DEMO)/.

@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile-a", action="store_true", help="A's modules under torch.compile (as train.compile=true)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compile_a and not all(piece.startswith("joint") for piece in args.pieces):
+        p.error("--compile-a compiles the joint step's modules: choose joint pieces only (--pieces joint-issue joint-demo)")
     if args.worker:
         import torch
 

@@ -183,10 +183,11 @@ class Runner:
             points.append(self.eval_generation(run_dir, step))
             self.cache.save_progress(job, points)
             self.log(f"  {job.name} s{job.seed} step {step}: FID {points[-1]['fid']:.2f}")
-        if not any(p["step"] == job.steps for p in points):  # a shorter budget than the cached run's, off its schedule
-            raise ValueError(f"{job.name} s{job.seed}: its cached run is past step {job.steps} (checkpoint at {at}) and "
-                             f"was not evaluated there; use an --ar-steps it was evaluated at "
-                             f"({', '.join(str(p['step']) for p in points)}) or a larger one")
+        missing = sorted(set(job.evals) - {p["step"] for p in points})
+        if missing:  # below the run's checkpoint: another budget or schedule than the cached run's
+            raise ValueError(f"{job.name} s{job.seed}: its cached run (checkpoint at step {at}) was never evaluated at "
+                             f"steps {missing} of this schedule; choose a budget and schedule whose evaluation steps "
+                             f"below {at} are among its evaluated ones ({', '.join(str(p['step']) for p in points)})")
         return {"points": points, "loop_seconds": seconds, "extract_seconds": done.seconds if done.wrote else 0.0}
 
     def eval_generation(self, run_dir: Path, step: int) -> dict:

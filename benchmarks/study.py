@@ -158,7 +158,8 @@ def _alive(pid: int) -> bool:
 
 class ResultCache:
     """``<root>/jobs/<name>-s<seed>-<key>/``: ``run/`` (the training run), ``progress.json`` (evaluations so far),
-    ``result.json`` (written last, atomically: a job with it is done), ``lock`` (the pid working on it)."""
+    ``result.json`` (written last, atomically: a job with it is done; an AR job only when it holds every evaluation
+    of the job's schedule), ``lock`` (the pid working on it)."""
 
     def __init__(self, root: Path, budget: Budget, extra: list[str]):
         self.root, self.budget, self.extra = Path(root), budget, list(extra)
@@ -180,8 +181,11 @@ class ResultCache:
         if not path.is_file():
             return None
         result = json.loads(path.read_text())
-        if job.kind == "ar" and not any(p["step"] == job.steps for p in result.get("points", [])):
-            return None  # a shorter budget's run: it continues to this one's length
+        if job.kind == "ar":  # the run may have been evaluated for another budget: this job's schedule, or not done
+            points = {p["step"]: p for p in result.get("points", [])}
+            if not all(s in points for s in job.evals):
+                return None  # a shorter budget's run: it continues to this one's length
+            result = {**result, "points": [points[s] for s in job.evals]}
         return result
 
     def save_result(self, job: Job, result: dict) -> None:

@@ -225,9 +225,9 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
     g, t = c.tokenizer("GEAR", "rfid"), c.tokenizer("tokenizer+", "rfid")
     if g and t:
         cmp = compare_lower_better(g, t)
-        # kept: lower, or within seed noise; one seed cannot tell a small loss from noise
-        verdict = {"higher": "not reproduced", "lower": "reproduced", "within seed noise": "reproduced"}.get(
-            cmp, "inconclusive (one seed)")
+        # kept: lower, or within seed noise; with one seed a higher rFID cannot be told from noise
+        verdict = {"higher": "not reproduced", "not lower (one seed: noise unknown)": "inconclusive (one seed)"}.get(
+            cmp, "reproduced")
         out.append(("Reconstruction kept or improved (rFID, GEAR vs tokenizer+)", verdict,
                     f"GEAR {fmt_spread(g)} vs tokenizer+ {fmt_spread(t)} ({cmp}); warm-up {fmt_spread(c.tokenizer('warm-up', 'rfid'))}"))
     else:

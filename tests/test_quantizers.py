@@ -225,7 +225,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     x = torch.full((4, 3), float(rank + 1), requires_grad=True)
     mean = global_mean(x)
-    mean.sum().backward()
+    (mean * (rank + 1)).sum().backward()  # rank-dependent upstream gradients: the backward must sum them
     torch.save({"mean": mean.detach(), "grad": x.grad}, os.path.join(out_dir, f"{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -240,8 +240,8 @@ def test_global_mean_averages_across_ranks_with_gradients():
         results = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(world)]
     for r in results:
         assert torch.allclose(r["mean"], torch.full((3,), 1.5))  # mean of rank values 1 and 2
-        # all ranks' upstream gradients are summed: world * (1 / world) / n_local per element
-        assert torch.allclose(r["grad"], torch.full((4, 3), 1 / 4))
+        # all ranks' upstream gradients (1 and 2) are summed, then / world, then / n_local per element
+        assert torch.allclose(r["grad"], torch.full((4, 3), (1 + 2) / 2 / 4))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -134,10 +134,12 @@ def test_the_cache_keeps_results_progress_and_locks(tmp_path):
     assert cache.result(job) is None and cache.progress(job) == []
     cache.save_progress(job, [{"step": 10, "fid": 50.0}])
     assert cache.progress(job) == [{"step": 10, "fid": 50.0}] and cache.result(job) is None
-    cache.save_result(job, {"points": [{"step": 10, "fid": 50.0}, {"step": job.steps, "fid": 20.0}]})
-    assert study.ResultCache(tmp_path, SMALL, []).result(job)["points"][0]["fid"] == 50.0  # a new process sees it
+    cache.save_result(job, {"points": [{"step": s, "fid": 50.0 - s} for s in job.evals]})
+    assert study.ResultCache(tmp_path, SMALL, []).result(job)["points"][0]["fid"] == 40.0  # a new process sees it
     longer = dataclasses.replace(job, steps=2 * job.steps, evals=(*job.evals, 2 * job.steps))
     assert cache.dir(longer) == cache.dir(job) and cache.result(longer) is None  # a larger budget continues the run
+    shorter = dataclasses.replace(job, steps=job.evals[1], evals=job.evals[:2])  # reads the points of its schedule
+    assert [p["step"] for p in cache.result(shorter)["points"]] == list(job.evals[:2])
     assert cache.dir(job).name.startswith("gear-ar-s1-")
     assert study.ResultCache(tmp_path, SMALL, ["optim.lr=1e-3"]).result(job) is None  # other settings, other key
 
