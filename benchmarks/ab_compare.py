@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"- command: `python benchmarks/ab_compare.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; A = working tree, B = {args.ref} "
-        f"({rev}){'; A under torch.compile' if args.compile_a else ''}; {args.threads} thread(s) per worker; {args.rounds} alternating rounds after {args.warmup} warm-up; "
+        f"({rev}){'; A under torch.compile' if args.compile_a else ''}; {args.threads} thread(s) per worker; "
+        f"{args.rounds} alternating rounds after {args.warmup} warm-up; "
         f"run time {time.perf_counter() - start:.0f} s",
         "",
         "| piece | A median ms | B median ms | A / B | per-round A / B | agreement |",

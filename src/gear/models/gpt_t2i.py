@@ -31,7 +31,7 @@ from torch import Tensor
 
 from gear.models.gpt import GPT, FeedForward, GPTConfig, GPTOutput, RMSNorm, SparseSoft, apply_rope, rope_table
 from gear.models.pretrained import Pretrained
-from gear.models.sampling import KVCache, LayerKVCache, _check_args, sample_logits
+from gear.models.sampling import KVCache, LayerKVCache, _check_args, decode
 
 
 class TextCondition(NamedTuple):
@@ -318,20 +318,14 @@ class TextGPT(nn.Module, Pretrained):
         modes = [(m, m.training) for m in self.modules()]
         self.eval()
         cache = KVCache(cfg.n_layer, n_text + length - 1)  # the last token is never fed back
+
+        def step(x: Tensor, t: int) -> Tensor:  # position t follows the caption (fed at t = 0) and t - 1 tokens
+            return self.forward_cached(x, 0 if t == 0 else n_text + t - 1, cache, key_mask, n_text)[:, -1]
+
         try:
-            x, start = self.embed_caption(cond, self.tok_embeddings.weight.dtype), 0
-            for t in range(length):
-                logits = self.forward_cached(x, start, cache, key_mask, n_text)[:, -1]
-                start += x.shape[1]
-                if guided:
-                    cond_logits, uncond_logits = logits.chunk(2)
-                    logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
-                nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-                tokens[:, t] = nxt
-                if on_token is not None:
-                    on_token(t + 1, length)
-                if t + 1 < length:
-                    x = self.tok_embeddings(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
+            decode(step, self.embed_caption(cond, self.tok_embeddings.weight.dtype), self.tok_embeddings, tokens,
+                   cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                   on_token=on_token)
         finally:
             del cache
             for module, mode in modes:

@@ -189,22 +189,34 @@ def generate(
         else:
             cache = KVCache(cfg.n_layer, max_len)
             step = lambda x, t: model.forward_cached(x, start=t, cache=cache)[:, -1]  # noqa: E731
-        for t in range(length):
-            logits = step(x, t)
-            if guided:
-                cond_logits, uncond_logits = logits.chunk(2)
-                logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
-            nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            tokens[:, t] = nxt
-            if on_token is not None:
-                on_token(t + 1, length)
-            if t + 1 < length:
-                x = model.tok_embeddings(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
+        decode(step, x, model.tok_embeddings, tokens, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+               top_p=top_p, generator=generator, on_token=on_token)
     finally:
         del cache, step  # never outlive the call, even when sampling fails
         for module, mode in modes:
             module.training = mode
     return tokens.view(batch, cfg.grid_size, cfg.grid_size)
+
+
+def decode(step: Callable[[Tensor, int], Tensor], x: Tensor, embed: Callable[[Tensor], Tensor], tokens: Tensor, *,
+           cfg_scale: float, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+           on_token: Callable[[int, int], None] | None) -> None:
+    """The decode loop of every generator: ``step(x, t)`` gives the logits of position t (the condition's rows
+    first, then one token), guidance mixes the conditional and null halves when ``cfg_scale`` != 1, the sampled
+    token goes to ``tokens[:, t]`` and its embedding (twice when guided) is the next input."""
+    guided = cfg_scale != 1.0
+    length = tokens.shape[1]
+    for t in range(length):
+        logits = step(x, t)
+        if guided:
+            cond_logits, uncond_logits = logits.chunk(2)
+            logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
+        nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tokens[:, t] = nxt
+        if on_token is not None:
+            on_token(t + 1, length)
+        if t + 1 < length:
+            x = embed(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
 
 
 def _check_args(labels: Tensor, num_classes: int, temperature: float, top_k: int, top_p: float) -> None:
