@@ -19,6 +19,8 @@ AR alone costs: no encoding, no teacher.
 
 Main methods run every seed (GEAR, LlamaGen-REPA+), ``control_seeds`` (LlamaGen+, GEAR lambda_tok=0, STE) or
 ``reference_seeds`` of them (LlamaGen, LlamaGen-REPA on the warm-up tokenizer); the other parts use seed 0.
+Jobs run in priority order: the main comparison over every seed, then the one-seed parts, then the controls' extra
+seeds, so a study stopped early has answered the most claims.
 
 Parts:
   main       per seed: the warm-up tokenizer trained ``joint_steps`` more steps reconstruction-only

@@ -322,7 +322,7 @@ def build_study(b: Budget, parts: tuple[str, ...]) -> Study:
         setting read its FID at short_ar_steps instead of training it again."""
         return st.ar.get((method, seed0))
     if "main" in parts:
-        for seed in b.seeds:  # seeds outermost: a study stopped early still holds complete seeds
+        for seed in b.seeds:
             toks = {"warm-up": warm, **tokenizer_jobs(b, warm, seed, b.joint_steps)}
             for label, job in toks.items():
                 if label in ("GEAR lambda_tok=0", "STE") and seed not in b.seeds[: b.control_seeds]:
@@ -375,6 +375,12 @@ def build_study(b: Budget, parts: tuple[str, ...]) -> Study:
             job = (main_ar(method) if method else None) or ar_job(f"repa-{slug(label.split(' (')[0])}-ar", warm, seed0,
                                                                   b.short_ar_steps, short, *extra)
             st.repa[label] = st.add(job)
+    # The order is the priority. The controls' extra seeds only narrow a spread, so they wait until the main
+    # comparison has every seed and each one-seed question (STE, ablations, families, REPA) has its answer.
+    controls = {m.name for m in MAIN_METHODS if m.name not in ("GEAR", BASELINE)}
+    later = {job for (m, s), job in st.ar.items() if m in controls and s != seed0}
+    later |= {job.init for job in later} - {job.init for job in st.jobs if job not in later}
+    st.jobs.sort(key=lambda job: job in later)  # stable: the rest keep their order
     return st
 
 

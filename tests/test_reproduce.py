@@ -106,6 +106,16 @@ def test_the_study_gives_every_ar_an_equally_trained_tokenizer():
     assert all(j.steps == SMALL.short_ar_steps for j in only_repa.repa.values())
 
 
+def test_the_controls_extra_seeds_run_last():
+    st = study.build_study(SMALL, study.PARTS)
+    later = [st.ar[(m, s)] for (m, s) in st.ar if m in ("LlamaGen+", "GEAR lambda_tok=0", "STE") and s != SMALL.seeds[0]]
+    later += [st.tokenizers[(t, s)] for (t, s) in st.tokenizers if t in ("GEAR lambda_tok=0", "STE") and s != SMALL.seeds[0]]
+    assert later and set(st.jobs[-len(later):]) == set(later)
+    first = st.jobs[: len(st.jobs) - len(later)]
+    assert st.ar[("GEAR", SMALL.seeds[-1])] in first and st.long_joint["STE"] in first and st.repa
+    assert all(job.init is None or st.jobs.index(job.init) < st.jobs.index(job) for job in st.jobs)
+
+
 def test_job_keys_follow_what_a_job_computes():
     st = study.build_study(SMALL, ("main",))
     gear = st.ar[("GEAR", 0)]
