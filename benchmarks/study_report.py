@@ -156,6 +156,33 @@ def collect(study: Study, cache: ResultCache) -> Collected:
 Verdict = tuple[str, str, str]   # (claim, verdict, evidence)
 
 
+def short_run_noise(c: Collected) -> float | None:
+    """How far apart two one-seed runs at short_ar_steps may land by seed alone: the sum of GEAR's and the
+    baseline's half seed ranges there (None until both have more than one seed)."""
+    g, r = c.fid_at("GEAR", c.study.budget.short_ar_steps), c.fid_at(BASELINE, c.study.budget.short_ar_steps)
+    return g.half_range + r.half_range if g and r and g.n > 1 and r.n > 1 else None
+
+
+def repa_summary(c: Collected) -> str:
+    """One sentence on the alignment set-up: the default and the best variant against no alignment."""
+    b = c.study.budget
+    fids = {label: point_at(c.result(j), b.short_ar_steps) for label, j in c.study.repa.items()}
+    fids = {k: v for k, v in fids.items() if v is not None}
+    none = next((v for k, v in fids.items() if k.startswith("no alignment")), None)
+    default = next((v for k, v in fids.items() if k.startswith("default")), None)
+    variants = {k: v for k, v in fids.items() if not k.startswith(("no alignment", "default"))}
+    if none is None or default is None:
+        return "Not run yet."
+    noise = short_run_noise(c)
+    text = f"At AR step {b.short_ar_steps}: no alignment {none:.2f}, the default alignment {default:.2f}"
+    if variants:
+        best = min(variants, key=variants.get)
+        text += f"; the best variant, {best}, {variants[best]:.2f} ({len(variants)} variants run)"
+    yard = (f"differences within ±{noise:.2f} (the main comparison's seed spread at this step) are noise" if noise is not None
+            else "one seed: no spread to judge differences by")
+    return text + f"; {yard}."
+
+
 def claim_verdicts(c: Collected) -> list[Verdict]:
     b = c.study.budget
     out: list[Verdict] = []
@@ -233,9 +260,7 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
     else:
         out.append(("Reconstruction kept or improved (rFID, GEAR vs tokenizer+)", "inconclusive", "not run yet"))
     # 5. the gain holds for LFQ and IBQ (one seed: the main comparison's seed spread is the noise yardstick)
-    noise = None
-    if c.fid_at("GEAR", b.short_ar_steps) and c.fid_at(BASELINE, b.short_ar_steps):
-        noise = c.fid_at("GEAR", b.short_ar_steps).half_range + c.fid_at(BASELINE, b.short_ar_steps).half_range
+    noise = short_run_noise(c)
     texts, verdicts = [], []
     for family in FAMILIES:
         rs = {m: c.result(c.study.families.get((family, m), (None, None))[1]) for m in ("GEAR", BASELINE)}
@@ -266,7 +291,9 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
         f"- Tokenizers: warm-up {b.warmup_steps} steps (shared); then {b.joint_steps} more steps per seed for every "
         f"method: joint (GEAR, GEAR lambda_tok=0, STE) or reconstruction only (tokenizer+). Every AR trains afresh for "
         f"{b.ar_steps} steps (batch {b.batch_size}, {b.generator}) on the codes of its frozen tokenizer; seeds "
-        f"{', '.join(map(str, b.seeds))} vary the joint and AR stages.",
+        f"{', '.join(map(str, b.seeds))} vary the joint and AR stages: GEAR and {BASELINE} run every seed, the "
+        f"controls (LlamaGen+, GEAR lambda_tok=0, STE) the first {b.control_seeds}, LlamaGen and LlamaGen-REPA the "
+        f"first {b.reference_seeds}.",
         f"- FID: {b.fid_samples} class-balanced samples (cfg {b.cfg_scale}, EMA weights) vs held-out images in the "
         f"feature space of the project's Fashion-MNIST classifier, at AR steps {', '.join(map(str, main_steps))}. "
         f"rFID / usage / perplexity of tokenizers on {b.recon_samples} held-out images.",
@@ -328,7 +355,8 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
         rows = [[label, fmt(point_at(c.result(j), b.short_ar_steps))] for label, j in c.study.repa.items()]
         lines += markdown_table(["alignment", f"AR FID @ {b.short_ar_steps}"], rows) + [
             "", "Default teacher: EfficientNet-Lite0's stride-16 stage (112-d) on a 16 x grid px input (128 px); the "
-            "stride-8 variant takes the stride-8 stage (40-d) on 64 px. Each variant changes one setting.", ""]
+            "stride-8 variant takes the stride-8 stage (40-d) on 64 px. Each variant changes one setting.", "",
+            repa_summary(c), ""]
     lines += ["## Figures", "", *[f"![{f}]({f})" for f in figures], ""]
     if grids:
         lines += [f"## Samples (seed {b.seeds[0]}, final AR, one row per class)", ""]

@@ -21,7 +21,8 @@ study_report = importlib.import_module("study_report")
 plots = importlib.import_module("plots")
 
 SMALL = study.Budget(warmup_steps=5, joint_steps=3, ar_steps=40, dense_until=20, dense_every=10, sparse_every=20,
-                         short_ar_steps=20, long_joint_steps=6, seeds=(0, 1, 2), fid_samples=20, recon_samples=20)
+                         short_ar_steps=20, long_joint_steps=6, seeds=(0, 1, 2), control_seeds=2, fid_samples=20,
+                         recon_samples=20)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -239,6 +240,11 @@ def test_report_states_a_verdict_per_claim(tmp_path):
     assert "GEAR reaches it at" in text and "26" in text
     assert "## Ablations" in text and "lambda_tok=1.5" in text and "lfq-tiny" in text and "tap layer 1" in text
     assert "Convergence criterion" in text
+    # the REPA check in one line: LlamaGen 40 + 400/20, LlamaGen-REPA 30 + 20, each variant (made up as GEAR's
+    # curve) 23 + 20; the noise yardstick is the two main methods' half seed ranges at step 20 (0.2 + 0.2)
+    assert "no alignment 60.00, the default alignment 50.00; the best variant, tap layer 1, 43.00 (8 variants" in text
+    assert "within ±0.40" in text
+    assert "controls (LlamaGen+, GEAR lambda_tok=0, STE) the first 2" in text
 
 
 def test_report_says_inconclusive_within_seed_noise_and_partial_when_unfinished(tmp_path):
