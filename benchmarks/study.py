@@ -49,6 +49,9 @@ class Budget:
             raise ValueError(f"--short-ar-steps ({self.short_ar_steps}) must be <= --ar-steps ({self.ar_steps})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds must be distinct integers such as 0,1,2, got {self.seeds}")
+        for name in ("control_seeds", "reference_seeds"):
+            if getattr(self, name) > len(self.seeds):
+                raise ValueError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be <= the number of --seeds ({len(self.seeds)})")
         if self.fid_samples < 10 or self.recon_samples < 10:
             raise ValueError("--fid-samples and --recon-samples must be >= 10")
 

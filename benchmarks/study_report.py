@@ -63,18 +63,25 @@ def steps_to_reach(steps: list[int], values: list[float], target: float) -> floa
     return None
 
 
-def converged(steps: list[int], values: list[float], drop: float = CONVERGED_DROP) -> tuple[bool, float]:
+def converged(steps: list[int], values: list[float], drop: float = CONVERGED_DROP) -> tuple[bool | None, float]:
     """(whether, relative drop): the curve fell by less than ``drop`` of its value over the last quarter of
-    its steps (value at 3/4 of the budget, interpolated, vs the final value)."""
+    its steps (value at 3/4 of the budget, interpolated, vs the final value). (None, nan) when no evaluation
+    lies at or before 3/4 of the budget: the last quarter is not measured."""
     at = 0.75 * steps[-1]
     i = next(i for i, s in enumerate(steps) if s >= at)
-    if i == 0:
-        ref = values[0]
+    if steps[i] == at:
+        ref = values[i]
+    elif i == 0:
+        return None, math.nan
     else:
         s0, s1 = steps[i - 1], steps[i]
         ref = values[i - 1] + (values[i] - values[i - 1]) * (at - s0) / (s1 - s0)
     rel = (ref - values[-1]) / ref if ref else 0.0
     return rel < drop, rel
+
+
+def convergence_text(conv: bool | None, drop: float) -> str:
+    return "unknown (no evaluation before the last quarter)" if conv is None else f"{'yes' if conv else 'no'} ({100 * drop:.1f}%)"
 
 
 def collapsed(perplexity: float, reference_perplexity: float, factor: float = COLLAPSE_FACTOR) -> bool:
@@ -89,6 +96,10 @@ def fmt_spread(s: Spread | None, digits: int = 2) -> str:
     if s is None:
         return "-"
     return f"{s.mean:.{digits}f} ± {s.half_range:.{digits}f}" if s.n > 1 else f"{s.mean:.{digits}f}"
+
+
+def seed_list(seeds: tuple[int, ...]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -186,30 +197,39 @@ def repa_summary(c: Collected) -> str:
 def claim_verdicts(c: Collected) -> list[Verdict]:
     b = c.study.budget
     out: list[Verdict] = []
-    # 1. STE collapses the codebook
+    # 1. STE collapses the codebook: judged on STE at the released settings, against GEAR run as long
     warm = c.tokenizer("warm-up", "codebook_perplexity")
-    ste_runs = {k: c.result(j) for k, j in c.study.long_joint.items() if k.startswith("STE")}
-    ste_runs = {k: r for k, r in ste_runs.items() if r is not None}
+    long_runs = {k: r for k, j in c.study.long_joint.items() if (r := c.result(j)) is not None}
     ste_short = c.tokenizer("STE", "codebook_perplexity")
-    if warm is None or (not ste_runs and ste_short is None):
+    if warm is None or ("STE" not in long_runs and ste_short is None):
         out.append(("STE collapses the codebook", "inconclusive", "not run yet"))
     else:
-        parts, any_collapse = [], False
+        parts, released, variants = [], False, []
         if ste_short is not None:
             parts.append(f"STE after {b.joint_steps} joint steps: perplexity {fmt_spread(ste_short, 1)}")
-            any_collapse |= collapsed(ste_short.mean, warm.mean)
-        for k, r in ste_runs.items():
+            released |= collapsed(ste_short.mean, warm.mean)
+        for k, r in long_runs.items():
             p = r["tokenizer"]["codebook_perplexity"]
             parts.append(f"{k} after {b.long_joint_steps}: {p:.1f} (usage {r['tokenizer']['codebook_usage']:.3f})")
-            any_collapse |= collapsed(p, warm.mean)
-        verdict = "reproduced" if any_collapse else "not reproduced at this scale"
+            if k == "STE":
+                released |= collapsed(p, warm.mean)
+            elif k.startswith("STE") and collapsed(p, warm.mean):
+                variants.append(k)
+        gear = long_runs.get("GEAR")
+        gear_collapsed = gear is not None and collapsed(gear["tokenizer"]["codebook_perplexity"], warm.mean)
+        if released:
+            verdict = "inconclusive (GEAR's codebook collapses too)" if gear_collapsed else "reproduced"
+        elif variants:
+            verdict = f"not reproduced at the released settings (collapses with {', '.join(variants)})"
+        else:
+            verdict = "not reproduced at this scale"
         out.append(("STE collapses the codebook", verdict, f"warm-up perplexity {warm.mean:.1f}; " + "; ".join(parts)
                     + f" (collapse: below {COLLAPSE_FACTOR:g}x the warm-up's)"))
     # 2. GEAR beats LlamaGen-REPA at equal AR steps (against the equal-budget baseline)
     steps, _ = c.curves(BASELINE)
     if steps and c.fid_at("GEAR", steps[-1]) and c.fid_at(BASELINE, steps[-1]):
         cells, verdicts = [], []
-        for s in (steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]):
+        for s in sorted({steps[len(steps) // 4], steps[len(steps) // 2], steps[-1]}):
             g, r = c.fid_at("GEAR", s), c.fid_at(BASELINE, s)
             if g and r:
                 cmp = compare_lower_better(g, r)
@@ -217,8 +237,9 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
                 cells.append(f"step {s}: {fmt_spread(g)} vs {fmt_spread(r)} ({cmp})")
         final = verdicts[-1]
         verdict = {"lower": "reproduced", "higher": "not reproduced"}.get(final, "inconclusive at this scale")
-        n = c.fid_at("GEAR", steps[-1]).n
-        out.append((f"GEAR beats {BASELINE} at equal AR steps (FID)", verdict, "; ".join(cells) + f" ({n} seeds)"))
+        n_g, n_b = c.fid_at("GEAR", steps[-1]).n, c.fid_at(BASELINE, steps[-1]).n
+        out.append((f"GEAR beats {BASELINE} at equal AR steps (FID)", verdict,
+                    "; ".join(cells) + f" (seeds: GEAR {n_g}, {BASELINE} {n_b})"))
     else:
         out.append((f"GEAR beats {BASELINE} at equal AR steps (FID)", "inconclusive", "not run yet"))
     # 3. faster convergence: steps to reach the baseline's final FID
@@ -232,14 +253,17 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
         text = (f"{BASELINE} final FID {target:.2f} (mean of {len(bper)} seeds); GEAR reaches it at "
                 + ", ".join(fmt(h, 0) if h is not None else f">{bs[-1]}" for h in g_hits) + f" steps, {BASELINE} at "
                 + ", ".join(fmt(h, 0) if h is not None else f">{bs[-1]}" for h in b_hits)
-                + f"; {BASELINE}'s curve {'flattened' if conv else 'had not flattened'} (last-quarter drop {100 * drop:.1f}%)")
+                + f"; {BASELINE}'s curve flattened: {convergence_text(conv, drop)}")
+        one_seed = len(gper) < 2 or len(bper) < 2
         if len(ok) < len(g_hits):
-            verdict = "not reproduced" if conv else "inconclusive at this scale"
+            verdict = "not reproduced" if conv and not one_seed else "inconclusive at this scale"
         else:
             speedup = bs[-1] / max(sum(ok) / len(ok), 1e-9)
             text += f"; speed-up {speedup:.2f}x (paper: about 10x)"
             b_ok = [h for h in b_hits if h is not None]
-            if max(ok) < min(b_ok or [float("inf")]) and speedup >= 2:
+            if one_seed:
+                verdict = "inconclusive (one seed)"
+            elif max(ok) < min(b_ok or [float("inf")]) and speedup >= 2:
                 verdict = "reproduced" if conv else "reproduced within the budget (the baseline had not converged)"
             elif speedup < 1.25:
                 verdict = "not reproduced"
@@ -253,8 +277,8 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
     if g and t:
         cmp = compare_lower_better(g, t)
         # kept: lower, or within seed noise; with one seed a higher rFID cannot be told from noise
-        verdict = {"higher": "not reproduced", "not lower (one seed: noise unknown)": "inconclusive (one seed)"}.get(
-            cmp, "reproduced")
+        verdict = {"higher": "not reproduced", "not lower (one seed: noise unknown)": "inconclusive (one seed)",
+                   "lower (one seed: noise unknown)": "reproduced (one seed)"}.get(cmp, "reproduced")
         out.append(("Reconstruction kept or improved (rFID, GEAR vs tokenizer+)", verdict,
                     f"GEAR {fmt_spread(g)} vs tokenizer+ {fmt_spread(t)} ({cmp}); warm-up {fmt_spread(c.tokenizer('warm-up', 'rfid'))}"))
     else:
@@ -272,8 +296,11 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
             texts.append(f"{family}: GEAR {g_fid:.2f} vs {r_fid:.2f} at step {b.short_ar_steps} ({v})")
     if verdicts:
         verdict = verdicts[0] if len(set(verdicts)) == 1 else "mixed"
+        if len(verdicts) < len(FAMILIES):
+            verdict = f"inconclusive ({len(verdicts)} of {len(FAMILIES)} families run; so far {verdict})"
         yard = f"noise yardstick ±{noise:.2f} from the VQ seeds" if noise is not None else "no seed spread to judge by"
-        out.append(("The gain holds for LFQ and IBQ (one seed)", verdict + " at this scale", "; ".join(texts) + f"; {yard}"))
+        verdict += "" if verdict.startswith("inconclusive (") else " at this scale"
+        out.append(("The gain holds for LFQ and IBQ (one seed)", verdict, "; ".join(texts) + f"; {yard}"))
     else:
         out.append(("The gain holds for LFQ and IBQ (one seed)", "inconclusive", "not run yet"))
     return out
@@ -289,13 +316,14 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
         f"- Command: `{command}`; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {device}; "
         f"parts: {', '.join(c.study.parts)}.",
         f"- Tokenizers: warm-up {b.warmup_steps} steps (shared); then {b.joint_steps} more steps per seed for every "
-        f"method: joint (GEAR, GEAR lambda_tok=0, STE) or reconstruction only (tokenizer+). Every AR trains afresh for "
-        f"{b.ar_steps} steps (batch {b.batch_size}, {b.generator}) on the codes of its frozen tokenizer; seeds "
+        f"method: joint (GEAR, GEAR lambda_tok=0, STE) or reconstruction only (tokenizer+). Every AR trains afresh "
+        f"(batch {b.batch_size}, {b.generator}) on the codes of its frozen tokenizer, for {b.ar_steps} steps in the main "
+        f"comparison and {b.short_ar_steps} in the ablation, family and REPA runs; seeds "
         f"{', '.join(map(str, b.seeds))} vary the joint and AR stages: GEAR and {BASELINE} run every seed, the "
-        f"controls (LlamaGen+, GEAR lambda_tok=0, STE) the first {b.control_seeds}, LlamaGen and LlamaGen-REPA the "
-        f"first {b.reference_seeds}.",
+        f"controls (LlamaGen+, GEAR lambda_tok=0, STE) {seed_list(b.seeds[:b.control_seeds])}, LlamaGen and "
+        f"LlamaGen-REPA {seed_list(b.seeds[:b.reference_seeds])}.",
         f"- FID: {b.fid_samples} class-balanced samples (cfg {b.cfg_scale}, EMA weights) vs held-out images in the "
-        f"feature space of the project's Fashion-MNIST classifier, at AR steps {', '.join(map(str, main_steps))}. "
+        f"feature space of the project's Fashion-MNIST classifier, at AR steps {', '.join(map(str, main_steps or (b.short_ar_steps,)))}. "
         f"rFID / usage / perplexity of tokenizers on {b.recon_samples} held-out images.",
         "- A ± B: mean over seeds and half the range; overlapping seed ranges are called *within seed noise*. "
         "Steps to reach are interpolated linearly between evaluation points.", "",
@@ -310,20 +338,20 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
         rows = []
         for m in MAIN_METHODS:
             hits = c.reach(m.name, target) if target is not None else []
-            rows.append([m.name, m.tokenizer, fmt_spread(c.tokenizer(m.tokenizer, "rfid")),
+            final = c.fid_at(m.name, main_steps[-1])
+            rows.append([m.name, str(final.n) if final else "-", m.tokenizer, fmt_spread(c.tokenizer(m.tokenizer, "rfid")),
                          fmt_spread(c.tokenizer(m.tokenizer, "codebook_perplexity"), 1),
                          *[fmt_spread(c.fid_at(m.name, s)) for s in show],
                          fmt_spread(c.fid_at(m.name, main_steps[-1], "precision"), 3),
                          fmt_spread(c.fid_at(m.name, main_steps[-1], "recall"), 3),
                          ", ".join(fmt(h, 0) if h is not None else "-" for h in hits) or "-"])
-        lines += markdown_table(["method", "tokenizer", "rFID", "perplexity", *[f"FID @ {s}" for s in show], "precision",
+        lines += markdown_table(["method", "seeds", "tokenizer", "rFID", "perplexity", *[f"FID @ {s}" for s in show], "precision",
                                  "recall", f"steps to {BASELINE} final (per seed)"], rows)
         conv = []
         for m in ("LlamaGen-REPA", BASELINE, "GEAR"):
             s, per = c.curves(m)
             if per:
-                ok, drop = converged(s, [aggregate([v[i] for v in per]).mean for i in range(len(s))])
-                conv.append(f"{m} {'yes' if ok else 'no'} ({100 * drop:.1f}%)")
+                conv.append(f"{m} {convergence_text(*converged(s, [aggregate([v[i] for v in per]).mean for i in range(len(s))]))}")
         lines += ["", f"Convergence criterion: the seed-mean FID falls by less than {100 * CONVERGED_DROP:g}% over the "
                   f"last quarter of the AR budget. Holds: {', '.join(conv) or '-'}.", ""]
     if c.study.long_joint:
@@ -363,7 +391,8 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
         lines += [f"**{m}**\n\n![{m}]({g})\n" for m, g in grids.items()]
     seconds = sum((c.result(j) or {}).get("wall_seconds", 0.0) for j in c.study.jobs)
     lines += ["## Time", "", f"Jobs done: {sum(c.result(j) is not None for j in c.study.jobs)} of {len(c.study.jobs)}; "
-              f"their wall time adds up to {seconds / 3600:.2f} h (two processes overlap).", ""]
+              f"their wall time adds up to {seconds / 3600:.2f} h (two processes overlap; a job continued after an "
+              "interruption counts its last piece only).", ""]
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

@@ -69,6 +69,8 @@ def test_convergence_criterion_reads_the_last_quarter():
     assert not steep and drop == pytest.approx(0.5)
     _, drop = study_report.converged([200, 400], [100.0, 50.0])  # 3/4 of 400 = 300: interpolated to 75
     assert drop == pytest.approx(1 / 3)
+    unknown, drop = study_report.converged([350, 400], [100.0, 99.0])  # nothing measured at 300: no verdict
+    assert unknown is None and math.isnan(drop)
 
 
 def test_budget_checks_presets_and_command_line():
@@ -76,6 +78,8 @@ def test_budget_checks_presets_and_command_line():
         study.Budget(ar_steps=10, short_ar_steps=20)
     with pytest.raises(ValueError, match="seeds"):
         study.Budget(seeds=(0, 0))
+    with pytest.raises(ValueError, match="control-seeds"):
+        study.Budget(seeds=(0, 1), control_seeds=3)
     parser = reproduce.build_parser()
     assert reproduce.budget_from_args(parser.parse_args([])) == study.PRESETS["cpu"]
     assert reproduce.budget_from_args(parser.parse_args(["--device", "cuda"])) == study.PRESETS["gpu"]
@@ -244,7 +248,7 @@ def test_report_states_a_verdict_per_claim(tmp_path):
     # curve) 23 + 20; the noise yardstick is the two main methods' half seed ranges at step 20 (0.2 + 0.2)
     assert "no alignment 60.00, the default alignment 50.00; the best variant, tap layer 1, 43.00 (8 variants" in text
     assert "within ±0.40" in text
-    assert "controls (LlamaGen+, GEAR lambda_tok=0, STE) the first 2" in text
+    assert "controls (LlamaGen+, GEAR lambda_tok=0, STE) seeds 0, 1, LlamaGen and LlamaGen-REPA seed 0." in text
 
 
 def test_report_says_inconclusive_within_seed_noise_and_partial_when_unfinished(tmp_path):
@@ -257,6 +261,36 @@ def test_report_says_inconclusive_within_seed_noise_and_partial_when_unfinished(
     c = study_report.collect(st, cache)
     assert not c.complete
     assert "PARTIAL" in study_report.write_report(c, tmp_path / "b", "cmd", "CPU", [], {}).read_text()
+
+
+def test_claims_stay_inconclusive_on_one_seed_one_family_or_a_collapsing_control(tmp_path):
+    st, cache = synthetic_cache(tmp_path, gear_offset=20.0, ste_perplexity=4.0)
+    for seed in (1, 2):  # one seed of the main comparison left
+        for method in ("GEAR", study.BASELINE):
+            (cache.dir(st.ar[(method, seed)]) / "result.json").unlink()
+    ibq = st.families[("ibq-tiny", "GEAR")][1]
+    (cache.dir(ibq) / "result.json").unlink()
+    gear_long = cache.dir(st.long_joint["GEAR"]) / "result.json"
+    result = json.loads(gear_long.read_text())
+    result["tokenizer"]["codebook_perplexity"] = 4.0  # GEAR run as long collapses as much as STE
+    gear_long.write_text(json.dumps(result))
+    verdicts = claims_table(study_report.write_report(study_report.collect(st, cache), tmp_path / "r", "cmd", "CPU",
+                                                      [], {}).read_text())
+    assert verdicts["GEAR converges faster (AR steps to reach the baseline's final FID)"] == "inconclusive (one seed)"
+    assert verdicts["The gain holds for LFQ and IBQ (one seed)"].startswith("inconclusive (1 of 2 families run")
+    assert verdicts["STE collapses the codebook"] == "inconclusive (GEAR's codebook collapses too)"
+    assert verdicts[f"GEAR beats {study.BASELINE} at equal AR steps (FID)"].startswith("inconclusive")
+
+
+def test_only_a_released_setting_collapse_reproduces_the_ste_claim(tmp_path):
+    st, cache = synthetic_cache(tmp_path, ste_perplexity=390.0)  # STE keeps its codebook ...
+    lr4 = cache.dir(st.long_joint["STE, lr x4"]) / "result.json"
+    result = json.loads(lr4.read_text())
+    result["tokenizer"]["codebook_perplexity"] = 4.0  # ... except at 4x the learning rate
+    lr4.write_text(json.dumps(result))
+    verdicts = claims_table(study_report.write_report(study_report.collect(st, cache), tmp_path / "r", "cmd", "CPU",
+                                                      [], {}).read_text())
+    assert verdicts["STE collapses the codebook"] == "not reproduced at the released settings (collapses with STE, lr x4)"
 
 
 def test_codebook_metrics_are_read_from_a_run_log(tmp_path):
