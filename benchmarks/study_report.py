@@ -356,9 +356,11 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
                   f"last quarter of the AR budget. Holds: {', '.join(conv) or '-'}.", ""]
     if c.study.long_joint:
         lines += ["## STE: the codebook over joint training", ""]
-        rows = [[k, fmt(r['tokenizer']['codebook_usage'], 3), fmt(r['tokenizer']['codebook_perplexity'], 1), fmt(r['tokenizer']['rfid'])]
+        warm = c.tokenizer("warm-up", "codebook_perplexity")
+        rows = [[k, fmt(r['tokenizer']['codebook_usage'], 3), fmt(r['tokenizer']['codebook_perplexity'], 1),
+                 fmt(r['tokenizer']['codebook_perplexity'] / warm.mean) if warm else "-", fmt(r['tokenizer']['rfid'])]
                 for k, j in c.study.long_joint.items() if (r := c.result(j)) is not None]
-        lines += markdown_table(["joint run", "usage", "perplexity", "rFID"], rows) + [
+        lines += markdown_table(["joint run", "usage", "perplexity", "perplexity / warm-up's", "rFID"], rows) + [
             "", f"After {b.long_joint_steps} joint steps from the warm-up (seed {b.seeds[0]}); the figure shows the training-batch "
             "statistics along the way. 'lr x4' raises optim.lr (tokenizer and joint AR); 'NTP weight x4' sets "
             "train.ste_ntp_weight=4 (the NTP loss in the tokenizer update).", ""]
@@ -370,7 +372,10 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
             rows.append([label, *(fmt(t["tokenizer"][k], d) if t else "-" for k, d in (("rfid", 2), ("codebook_usage", 3),
                                                                                        ("codebook_perplexity", 1))),
                          fmt(point_at(a, b.short_ar_steps))])
-        lines += markdown_table(["joint setting", "rFID", "usage", "perplexity", f"AR FID @ {b.short_ar_steps}"], rows) + [""]
+        noise = short_run_noise(c)
+        lines += markdown_table(["joint setting", "rFID", "usage", "perplexity", f"AR FID @ {b.short_ar_steps}"], rows) + [
+            "", f"AR FID differences within ±{noise:.2f} (the main comparison's seed spread at step {b.short_ar_steps}) "
+            "are noise." if noise is not None else "One seed: no spread to judge AR FID differences by.", ""]
     if c.study.families:
         lines += [f"## Tokenizer families (seed {b.seeds[0]})", ""]
         rows = []
