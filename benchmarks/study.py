@@ -23,7 +23,7 @@ class Budget:
 
     warmup_steps: int = 400                # tokenizer warm-up, once per tokenizer family, shared by every seed
     joint_steps: int = 200                 # joint stage (GEAR, STE, ...) = extra reconstruction steps of tokenizer+
-    ar_steps: int = 3000                   # the AR budget of the main comparison, the same for every method
+    ar_steps: int = 4000                   # the AR budget of the main comparison, the same for every method
     dense_until: int = 600                 # FID every dense_every AR steps up to here (the steep part) ...
     dense_every: int = 50
     sparse_every: int = 200                # ... then every sparse_every steps
@@ -397,9 +397,11 @@ def estimate_seconds(study: Study, cache: ResultCache | None = None) -> float:
         if cache is not None and cache.result(job) is not None:
             continue
         total += COSTS["setup"]
-        if job.kind == "ar":
+        if job.kind == "ar":  # a continued run costs its steps and evaluations past the last one cached
             repa = "align.lambda_ar=0.0" not in job.overrides
-            total += job.steps * COSTS["ar-repa" if repa else "ar"] + len(job.evals) * COSTS["fid"]
+            done = max((p["step"] for p in cache.progress(job)), default=0) if cache is not None else 0
+            total += (max(job.steps - done, 0) * COSTS["ar-repa" if repa else "ar"]
+                      + sum(s > done for s in job.evals) * COSTS["fid"])
             if job.init not in tokenizers:
                 tokenizers.add(job.init)
                 total += COSTS["extract"]

@@ -168,6 +168,17 @@ def test_the_cache_keeps_results_progress_and_locks(tmp_path):
     assert cache.claim(job)
 
 
+def test_the_plan_estimate_counts_only_what_a_continued_run_has_left(tmp_path):
+    st = study.build_study(SMALL, ("main",))
+    cache = study.ResultCache(tmp_path, SMALL, [])
+    fresh = study.estimate_seconds(st, cache)
+    job = st.ar[("GEAR", 0)]
+    cache.save_progress(job, [{"step": s, "fid": 1.0} for s in job.evals if s <= SMALL.ar_steps // 2])
+    left = sum(s > SMALL.ar_steps // 2 for s in job.evals)
+    saved = (SMALL.ar_steps // 2) * study.COSTS["ar-repa"] + (len(job.evals) - left) * study.COSTS["fid"]
+    assert study.estimate_seconds(st, cache) == pytest.approx(fresh - saved)
+
+
 class RecordingRunner(reproduce.Runner):
     """Runs nothing: records the order and writes a result, as a finished job would."""
 
