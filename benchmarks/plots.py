@@ -32,17 +32,25 @@ def fid_curves(curves: dict[str, tuple[list[int], list[list[float]]]], path: Pat
     plt = _pyplot()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, (steps, per_seed) in curves.items():
-        values = np.asarray(per_seed, dtype=float)  # (seeds, steps)
-        line, = ax.plot(steps, values.mean(axis=0), marker="o", label=f"{method} ({len(values)} seeds)")
-        if len(values) > 1:
-            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("AR training steps")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    # left: the whole run on a log scale; right: its second half, where the methods separate (or do not)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    last = max((steps[-1] for steps, _ in curves.values() if steps), default=0)
+    for ax, start in zip(axes, (0, last / 2)):
+        for method, (steps, per_seed) in curves.items():
+            keep = [i for i, s in enumerate(steps) if s >= start]
+            values = np.asarray(per_seed, dtype=float)[:, keep]  # (seeds, steps)
+            x = [steps[i] for i in keep]
+            seeds = "1 seed" if len(values) == 1 else f"{len(values)} seeds"
+            line, = ax.plot(x, values.mean(axis=0), marker="o", markersize=3, label=f"{method} ({seeds})")
+            if len(values) > 1:
+                ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("AR training steps")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].set_title(title)
+    axes[1].set_title(f"from step {last / 2:g}")
+    axes[0].legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

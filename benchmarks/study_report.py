@@ -410,9 +410,13 @@ def make_figures(c: Collected, report_dir: Path) -> list[str]:
     path = plots.fid_curves({k: v for k, v in curves.items() if v[1]}, report_dir / "fid_vs_steps.png",
                             "FID (classifier features)", "FID during AR training (band: seed range)")
     made.append(path)
+    # the long joint runs when there are any (their first steps are the short runs'), and seed 0's tokenizer+
+    seed0 = c.study.budget.seeds[0]
+    long_runs = {f"{k} ({c.study.budget.long_joint_steps} steps)": (c.cache.run_dir(j), 0)
+                 for k, j in c.study.long_joint.items() if c.result(j) is not None}
+    shown = ("tokenizer+",) if long_runs else ("tokenizer+", "GEAR", "STE")
     runs = {f"{k} s{s}": (c.cache.run_dir(j), 0) for (k, s), j in c.study.tokenizers.items()
-            if k in ("GEAR", "STE", "tokenizer+") and c.result(j) is not None}
-    runs |= {f"{k} (long)": (c.cache.run_dir(j), 0) for k, j in c.study.long_joint.items() if c.result(j) is not None}
+            if k in shown and s == seed0 and c.result(j) is not None} | long_runs
     made.append(plots.codebook_over_training(runs, report_dir / "codebook_vs_joint_steps.png",
                                              xlabel="joint (or tokenizer+) steps after the warm-up"))
     return [p.name for p in made if p is not None]
