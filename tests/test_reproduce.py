@@ -293,6 +293,20 @@ def test_claims_stay_inconclusive_on_one_seed_one_family_or_a_collapsing_control
     assert verdicts[f"GEAR beats {study.BASELINE} at equal AR steps (FID)"].startswith("inconclusive")
 
 
+def test_convergence_is_judged_against_the_baselines_own_steps_to_reach():
+    verdict = study_report.convergence_verdict
+    # reaching the baseline's final FID at 3/4 of its budget looks like a 1.3x speed-up over that budget, but the
+    # baseline itself got there sooner on every seed
+    v, text = verdict([2786, 3344, 3057], [2509, 2572, 2562], 4000, True, one_seed=False)
+    assert v.startswith("not reproduced (GEAR reaches it later") and "1.31x over the baseline's budget" in text
+    assert "0.83x over its own steps to reach" in text
+    assert verdict([300, 350, 400], [2500, 2600, None], 4000, True, one_seed=False)[0] == "reproduced"
+    assert verdict([300, 350, 400], [2500, 2600, None], 4000, False, one_seed=False)[0].startswith("reproduced within")
+    assert verdict([300, 350, 400], [2500, 2600, 2550], 4000, True, one_seed=True)[0] == "inconclusive (one seed)"
+    assert verdict([3000, None, 3900], [2500, 2600, 2550], 4000, True, one_seed=False)[0] == "not reproduced"
+    assert verdict([2400, 2700, 2500], [2500, 2600, 2550], 4000, True, one_seed=False)[0] == "inconclusive at this scale"
+
+
 def test_only_a_released_setting_collapse_reproduces_the_ste_claim(tmp_path):
     st, cache = synthetic_cache(tmp_path, ste_perplexity=390.0)  # STE keeps its codebook ...
     lr4 = cache.dir(st.long_joint["STE, lr x4"]) / "result.json"
