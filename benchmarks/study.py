@@ -68,14 +68,13 @@ PRESETS = {
                   fid_samples=2000, recon_samples=2000, generator="gpt-mini"),
 }
 
-# Seconds on 2 quiet cores, one process, used by --plan only. Steps: the 600-step study's loop times (git history
-# of benchmarks/results/REPORT.md); an AR step on the code store costs what an NTP-only step on the fly costs
-# (benchmarks/results/code_store_cost.md: encoding is ~2% of it; the teacher, 43% of a REPA step, is gone).
-# Evaluations: that study's 11.4 min of evaluation, less its 4 Inception FIDs, over 48 FIDs and 5 tokenizers.
-# Extraction: the teacher on 60k images at the REPA step's teacher share; codes: the tokenizer's encoder alone.
-COSTS = {"tokenizer": 0.81, "joint": 1.58, "joint-ste": 1.39, "ar": 0.30, "ar-repa": 0.30, "fid": 8.0,
-         "tokenizer-eval": 8.0, "extract": 40.0, "features": 360.0, "setup": 6.0}
-TWO_PROCESSES = 0.7   # assumed: two one-thread processes finish in this share of one two-thread process's time
+# Seconds for one one-thread process while a second one runs beside it on 2 quiet cores (how `make reproduce`
+# runs), used by --plan only; measured on this study's own runs (2026-11-30, runs/reproduce/*.log): an AR step
+# on the code store and one FID from 1000- and 3000-step continuations (5.3 and 17.5 min), a tokenizer step
+# from the 200- and 400-step runs (2.0 and 4.0 min), a joint step from the 200- and 400-step joint runs (3.9 and
+# 7.9 min); the teacher's features on 60k images once (8.5 min) and a tokenizer's codes (0.8 min).
+COSTS = {"tokenizer": 0.58, "joint": 1.18, "joint-ste": 1.18, "ar": 0.24, "ar-repa": 0.24, "fid": 13.0,
+         "tokenizer-eval": 8.0, "extract": 48.0, "features": 510.0, "setup": 6.0}
 
 COLLAPSE_FACTOR = 0.5     # "collapsed": codebook perplexity below this share of the warm-up tokenizer's
 CONVERGED_DROP = 0.05     # "converged": the seed-mean FID fell by less than this share over the last quarter
@@ -391,7 +390,7 @@ def build_study(b: Budget, parts: tuple[str, ...]) -> Study:
 
 
 def estimate_seconds(study: Study, cache: ResultCache | None = None) -> float:
-    """Estimated seconds for the jobs not yet done (COSTS), on one process; two processes take about half."""
+    """Estimated seconds for the jobs not yet done (COSTS) on one one-thread process; two take about half."""
     total, tokenizers = 0.0, set()
     for job in study.jobs:
         if cache is not None and cache.result(job) is not None:
@@ -422,6 +421,6 @@ def plan_lines(study: Study, cache: ResultCache, cpu: bool = True) -> list[str]:
     if not cpu:  # COSTS are CPU measurements
         lines.append(f"{len(study.jobs)} jobs, {done} done; no GPU step costs are measured yet, so no time estimate")
         return lines
-    lines.append(f"{len(study.jobs)} jobs, {done} done; left: estimated {todo / 3600:.1f} h for one process on 2 quiet cores, "
-                 f"about {TWO_PROCESSES * todo / 3600:.1f} h with two processes of one thread each (--threads 1, started twice)")
+    lines.append(f"{len(study.jobs)} jobs, {done} done; left: estimated {todo / 2 / 3600:.1f} h on 2 quiet cores with two "
+                 f"processes of one thread each (make reproduce: --threads 1, started twice)")
     return lines
