@@ -311,7 +311,7 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
         if len(verdicts) < len(FAMILIES):
             verdict = f"inconclusive ({len(verdicts)} of {len(FAMILIES)} families run; so far {verdict})"
         yard = f"noise yardstick ±{noise:.2f} from the VQ seeds" if noise is not None else "no seed spread to judge by"
-        verdict += "" if verdict.startswith("inconclusive (") else " at this scale"
+        verdict += "" if verdict.startswith("inconclusive (") else f" at this scale (one seed each, AR step {b.short_ar_steps})"
         out.append(("The gain holds for LFQ and IBQ (one seed)", verdict, "; ".join(texts) + f"; {yard}"))
     else:
         out.append(("The gain holds for LFQ and IBQ (one seed)", "inconclusive", "not run yet"))
