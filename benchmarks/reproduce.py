@@ -12,9 +12,9 @@ Every training run is a job whose result is cached on disk under ``--cache-dir``
 by (name, seed, a hash of its resolved config, the key of the tokenizer it starts from, a tokenizer job's length):
 an interrupted study continues where it stopped (an AR run from its last evaluation), and a changed setting
 reruns only the jobs it touches. An AR run's length is not in its key: a larger --ar-steps continues the cached
-AR runs from their last checkpoint (a run is a prefix of a longer one) and keeps their evaluations. Two processes may work on one cache at once (each job is claimed with a lock
-file; ``--worker`` runs jobs and leaves the report to the other): that is how ``make reproduce`` uses both
-cores. The AR stages train on a code store (``gear extract``) shared by every job, so an AR step costs what the
+AR runs from their last checkpoint (a run is a prefix of a longer one) and keeps their evaluations. Two processes
+may work on one cache at once (each job is claimed with a lock file; ``--worker`` runs jobs and leaves the report
+to the other): that is how ``make reproduce`` uses both cores. The AR stages train on a code store (``gear extract``) shared by every job, so an AR step costs what the
 AR alone costs: no encoding, no teacher.
 
 Main methods run every seed (GEAR, LlamaGen-REPA+), ``control_seeds`` (LlamaGen+, GEAR lambda_tok=0, STE) or

@@ -147,6 +147,11 @@ class Collected:
         values = list(dict.fromkeys(values)) if label == "warm-up" else values  # one warm-up shared by the seeds
         return aggregate(values) if values else None
 
+    def mean_curve(self, method: str) -> tuple[list[int], list[float]]:
+        """(steps, FID averaged over the finished seeds) of ``method``'s main AR runs."""
+        steps, per_seed = self.curves(method)
+        return steps, [aggregate(list(column)).mean for column in zip(*per_seed)]
+
     def reach(self, method: str, target: float) -> list[float | None]:
         steps, per_seed = self.curves(method)
         return [steps_to_reach(steps, values, target) for values in per_seed]
@@ -274,7 +279,7 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
         target = aggregate([v[-1] for v in bper]).mean
         g_hits, b_hits = c.reach("GEAR", target), c.reach(BASELINE, target)
         ok = [h for h in g_hits if h is not None]
-        conv, drop = converged(bs, [aggregate([v[i] for v in bper]).mean for i in range(len(bs))])
+        conv, drop = converged(*c.mean_curve(BASELINE))
         text = (f"{BASELINE} final FID {target:.2f} (mean of {len(bper)} seeds); GEAR reaches it at "
                 + ", ".join(fmt(h, 0) if h is not None else f">{bs[-1]}" for h in g_hits) + f" steps, {BASELINE} at "
                 + ", ".join(fmt(h, 0) if h is not None else f">{bs[-1]}" for h in b_hits)
@@ -359,11 +364,8 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
                          ", ".join(fmt(h, 0) if h is not None else "-" for h in hits) or "-"])
         lines += markdown_table(["method", "seeds", "tokenizer", "rFID", "perplexity", *[f"FID @ {s}" for s in show], "precision",
                                  "recall", f"steps to {BASELINE} final (per seed)"], rows)
-        conv = []
-        for m in ("LlamaGen-REPA", BASELINE, "GEAR"):
-            s, per = c.curves(m)
-            if per:
-                conv.append(f"{m} {convergence_text(*converged(s, [aggregate([v[i] for v in per]).mean for i in range(len(s))]))}")
+        conv = [f"{m} {convergence_text(*converged(*c.mean_curve(m)))}" for m in ("LlamaGen-REPA", BASELINE, "GEAR")
+                if c.curves(m)[1]]
         lines += ["", f"Convergence criterion: the seed-mean FID falls by less than {100 * CONVERGED_DROP:g}% over the "
                   f"last quarter of the AR budget. Holds: {', '.join(conv) or '-'}.", ""]
     if c.study.long_joint:
