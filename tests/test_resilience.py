@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -453,3 +454,28 @@ def test_processes_agree_on_skipping_and_stopping(tmp_path):
     assert [r["step"] for r in ranks] == [2, 2] and [r["skipped"] for r in ranks] == [1, 1]
     assert ranks[1]["stopped_by"] == "SIGTERM" and ranks[0]["stopped_by"] == "a stop signal to another process"
     assert ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path))["step"] == 2
+
+
+@needs_fmnist
+def test_resume_past_a_refused_last_pt_prints_only_its_own_line(tmp_path, capfd):
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "configs/fmnist-tokenizer.yaml"), *tiny(run, 2, "train.checkpoint_every=1")]) == 0
+    # a last.pt of the newer pickle protocol (4), holding a pickled object: refused, with no note of torch's own
+    torch.save({"format_version": 1, "step": 2, "payload": Path("x")}, ckpt.checkpoint_path(run), pickle_protocol=4)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as seen:  # what a terminal would print
+        warnings.simplefilter("always")
+        assert main(["resume", str(run), "train.steps=3"]) == 0
+    assert [str(w.message) for w in seen] == []
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "last.pt holds pickled objects that could run code: resuming from" in err[0], err
+    assert "step_0000001.pt (step 1) instead" in err[0]
+    assert json.loads((run / "summary.json").read_text())["step"] == 3
+
+
+def test_a_file_of_the_newer_pickle_protocol_is_refused_for_what_it_is(tmp_path):
+    path = tmp_path / "p4.pt"
+    torch.save({"w": torch.zeros(3)}, path, pickle_protocol=4)  # plain tensors, but opcodes the safe reader lacks
+    with pytest.raises(UnsafeFileError, match="pickle protocol the safe reader does not read") as info:
+        gear.files.load_tensors(path)
+    assert "torch.save's default protocol" in str(info.value) and "holds pickled Python objects" not in str(info.value)

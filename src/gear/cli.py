@@ -394,12 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from gear.config import ConfigError
+    from gear.devices import parse_device
     from gear.train.guard import RunStopped
 
     # library warnings (a truncated prompt, a skipped sample) as one line each, while the command runs
     previous_format = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *rest, **kw: f"gear {args.command}: warning: {message}\n"
     try:
+        if getattr(args, "device", None) is not None:  # checked before any model is loaded onto it
+            args.device = str(parse_device(args.device))
         args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         return _fail(args.command, one_line(err), 2)

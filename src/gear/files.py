@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,15 +134,20 @@ def load_tensors(path: str | os.PathLike, what: str = "file") -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own note on files of a newer pickle protocol asks for a bug report
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only load failed" in str(err).lower():
             refused = re.search(r"GLOBAL (\S+)", str(err))
+            protocol = re.search(r"Unsupported operand (\d+)", str(err))
+            content = (f"was written with a pickle protocol the safe reader does not read (opcode {protocol[1]}), "
+                       "so it may hold pickled Python objects" if protocol and not refused else
+                       "holds pickled Python objects" + (f" (a pickled {refused[1]})" if refused else ""))
             raise UnsafeFileError(
-                f"{what} {path} holds pickled Python objects"
-                + (f" (a pickled {refused[1]})" if refused else "")
-                + ", which could run code when loaded, so it was not loaded; gear only loads files of plain tensors "
-                "and numbers (if you trust its source, save just its state dict, or a .safetensors file, and load that)"
+                f"{what} {path} {content}, which could run code when loaded, so it was not loaded; gear only loads "
+                "files of plain tensors and numbers (if you trust its source, save just its state dict with "
+                "torch.save's default protocol, or a .safetensors file, and load that)"
             ) from None
         raise _damaged(path, what, err) from None
     except Exception as err:  # torch raises many types for a damaged zip or pickle
