@@ -1,4 +1,8 @@
+import copy
+import importlib
 import importlib.util
+import json
+import math
 import sys
 import textwrap
 
@@ -8,12 +12,19 @@ import torch.nn.functional as F
 
 from gear.align import TEACHERS, Projector, build_teacher, repa_loss
 from gear.align.teachers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DinoV2Teacher,
     _FoldedConv,
     efficientnet_lite_weights_file,
     imagenet_normalize,
     load_efficientnet_lite,
+    resample_position_embedding,
     resize,
 )
+from gear.cli import main
+from gear.data.fashion_mnist import resolve_root
+from helpers import TINY_RUN
 
 
 @pytest.fixture(scope="module")
@@ -158,75 +169,294 @@ def test_dinov2_path_errors(tmp_path):
         build_teacher("dinov2-vitb14", path=str(tmp_path))
 
 
-# A stand-in for the dinov2 repository: same entry point and forward_features contract, tiny model.
-FAKE_HUBCONF = textwrap.dedent(
+# A tiny ViT laid out as the facebookresearch/dinov2 hub's DinoVisionTransformer: the same parameter names
+# (so the hub's weights files fit it), the same forward_features contract, and the same interpolate_pos_encoding
+# (bicubic, no antialias, scale factor offset by 0.1, skipped when the patch count equals the embedding count).
+# Checked once against the real hub code (dinov2/models/vision_transformer.py) on shared weights: equal outputs.
+HUB_VIT = textwrap.dedent(
     """
+    import math
+
     import torch
     from torch import nn
 
     dependencies = ["torch"]
 
-    class TinyViT(nn.Module):
-        def __init__(self):
+
+    class PatchEmbed(nn.Module):
+        def __init__(self, dim, patch):
             super().__init__()
-            self.embed_dim = 24
-            self.patch_embed = nn.Conv2d(3, 24, 14, 14)
-            self.norm = nn.LayerNorm(24)
-            self.drop = nn.Dropout(0.5)
+            self.proj = nn.Conv2d(3, dim, patch, patch)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)
+
+
+    class Attention(nn.Module):
+        def __init__(self, dim, heads):
+            super().__init__()
+            self.heads = heads
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).unbind(2)
+            x = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+    class LayerScale(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.gamma = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            return x * self.gamma
+
+
+    class Mlp(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+
+    class Block(nn.Module):
+        def __init__(self, dim, heads):
+            super().__init__()
+            self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), LayerScale(dim)
+            self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), Mlp(dim), LayerScale(dim)
+
+        def forward(self, x):
+            x = x + self.ls1(self.attn(self.norm1(x)))
+            return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+    class DinoVisionTransformer(nn.Module):
+        def __init__(self, img_size=112, patch_size=14, embed_dim=24, depth=2, num_heads=2):
+            super().__init__()
+            self.embed_dim, self.patch_size, self.num_register_tokens = embed_dim, patch_size, 0
+            self.interpolate_offset, self.interpolate_antialias = 0.1, False
+            self.patch_embed = PatchEmbed(embed_dim, patch_size)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+            self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, embed_dim))
+            self.blocks = nn.ModuleList(Block(embed_dim, num_heads) for _ in range(depth))
+            self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+            self.head = nn.Identity()
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+        def interpolate_pos_encoding(self, x, w, h):
+            npatch, N = x.shape[1] - 1, self.pos_embed.shape[1] - 1
+            if npatch == N and w == h:
+                return self.pos_embed
+            pos_embed = self.pos_embed.float()
+            w0, h0, M, dim = w // self.patch_size, h // self.patch_size, int(math.sqrt(N)), x.shape[-1]
+            scale = ((w0 + self.interpolate_offset) / M, (h0 + self.interpolate_offset) / M)
+            patch_pos_embed = nn.functional.interpolate(
+                pos_embed[:, 1:].reshape(1, M, M, dim).permute(0, 3, 1, 2), scale_factor=scale, mode="bicubic",
+                antialias=self.interpolate_antialias)
+            patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+            return torch.cat((pos_embed[:, :1], patch_pos_embed), dim=1).to(x.dtype)
 
         def forward_features(self, x):
-            tokens = self.drop(self.patch_embed(x).flatten(2).transpose(1, 2))
-            return {"x_norm_patchtokens": self.norm(tokens)}
+            _, _, w, h = x.shape
+            x = self.patch_embed(x)
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+            x = x + self.interpolate_pos_encoding(x, w, h)
+            for blk in self.blocks:
+                x = blk(x)
+            x_norm = self.norm(x)
+            return {"x_norm_clstoken": x_norm[:, 0], "x_norm_patchtokens": x_norm[:, 1:], "x_prenorm": x}
+
 
     def dinov2_vitb14(*, pretrained=True, **kwargs):
         assert not pretrained, "must not download"
-        return TinyViT()
+        return DinoVisionTransformer(**kwargs)
     """
 )
 
+EMBED_GRID = 8  # the tiny models' position embeddings cover 8 x 8 patches (112 px), as ViT-B/14's cover 37 x 37
+GRIDS = (4, 6)  # smaller than the embedding grid: antialiasing only acts when downsampling
 
-def test_dinov2_from_a_local_hub_repo(tmp_path):
-    (tmp_path / "hubconf.py").write_text(FAKE_HUBCONF)
-    torch.manual_seed(0)
-    weights = {"patch_embed.weight": torch.randn(24, 3, 14, 14) * 0.05, "patch_embed.bias": torch.randn(24),
-               "norm.weight": torch.rand(24) + 0.5, "norm.bias": torch.randn(24)}
-    torch.save(weights, tmp_path / "dinov2_vitb14_pretrain.pth")
+
+def randomize(model, seed=0):
+    """Random weights with position embeddings large enough that how they are resampled shows in the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 1.0 if "pos" in name or "position" in name else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if p.ndim == 1 and "weight" in name else 0))
+    return model.eval()
+
+
+def uint8_images(b=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def gear_input(raw, grid):
+    """GEAR's preprocessing: uint8 / 255, ImageNet mean/std, then bicubic (no antialias) to grid * 14 px."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return F.interpolate((raw / 255.0 - mean) / std, grid * 14, mode="bicubic")
+
+
+def gear_pos_embed(pos, grid):
+    """What timm's resample_abs_pos_embed returns for GEAR: class token kept, patch part bicubic, antialiased."""
+    n, dim = int((pos.shape[1] - 1) ** 0.5), pos.shape[-1]
+    patches = pos[:, 1:].reshape(1, n, n, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", antialias=True)
+    return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)], dim=1)
+
+
+def max_relative(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def hub_repo(tmp_path):
+    """A hub-style repository directory holding hubconf.py and dinov2_vitb14_pretrain.pth (random weights)."""
+    (tmp_path / "hubconf.py").write_text(HUB_VIT)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        hubconf = importlib.import_module("hubconf")
+        model = randomize(hubconf.dinov2_vitb14(pretrained=False))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("hubconf", None)
+    torch.save(model.state_dict(), tmp_path / "dinov2_vitb14_pretrain.pth")
+    return model
+
+
+def transformers_folder(path, hidden=32, embed_grid=EMBED_GRID):
+    from transformers import Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * hidden,
+                          patch_size=14, image_size=14 * embed_grid)
+    model = randomize(Dinov2Model(config))
+    model.save_pretrained(path)
+    return model
+
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers not installed")
+
+
+def test_resample_position_embedding_keeps_the_class_token_and_antialiases():
+    pos = torch.randn(1, 1 + 8 * 8, 5)
+    out = resample_position_embedding(pos, 4)
+    assert out.shape == (1, 17, 5) and torch.equal(out[:, 0], pos[:, 0])
+    grid = pos[:, 1:].reshape(1, 8, 8, 5).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(4, 4), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 16, 5)
+    torch.testing.assert_close(out[:, 1:], expected, rtol=0, atol=0)
+    # a factor-2 antialiased bicubic downsampling averages: a checkerboard all but vanishes
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2 - 1).float()
+    flat = torch.cat([torch.zeros(1), checker.flatten()]).view(1, 65, 1)
+    assert resample_position_embedding(flat, 4)[:, 1:].abs().max() < 0.1
+    assert resample_position_embedding(pos, 8) is pos  # the grid already fits
+    with pytest.raises(ValueError, match=r"\(1, 1 \+ n\*n, D\)"):
+        resample_position_embedding(torch.randn(1, 9, 5), 4)
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_dinov2_hub_teacher_computes_gears_features(tmp_path, grid):
+    model = hub_repo(tmp_path)
     t = build_teacher("dinov2-vitb14", path=str(tmp_path))
-    assert t.feature_dim == 24 and not t.training
-    assert torch.equal(t.model.patch_embed.weight, weights["patch_embed.weight"])
-    x = images(2, size=64)
-    out = t(x, 4)
-    assert out.shape == (2, 16, 24)
-    assert torch.equal(out, t(x, 4))  # dropout inactive: the teacher stays in eval
-    z = imagenet_normalize(F.interpolate(x, size=(56, 56), mode="bicubic", align_corners=False))
-    manual = F.conv2d(z, weights["patch_embed.weight"], weights["patch_embed.bias"], stride=14)
-    manual = manual.flatten(2).transpose(1, 2)
-    manual = F.layer_norm(manual, (24,), weights["norm.weight"], weights["norm.bias"])
-    torch.testing.assert_close(out, manual, atol=1e-5, rtol=1e-5)
-    # A weights file passed directly works too; one that does not fit the model is a clear error.
-    assert build_teacher("dinov2-vitb14", path=str(tmp_path / "dinov2_vitb14_pretrain.pth")).feature_dim == 24
-    torch.save({"patch_embed.weight": torch.zeros(1)}, tmp_path / "dinov2_vitb14_pretrain.pth")
+    assert t.backend == "hub" and t.resample_once and t.feature_dim == 24 and not t.training
+    raw = uint8_images()
+    out = t(raw / 127.5 - 1, grid)
+    assert out.shape == (2, grid * grid, 24)
+    # GEAR: the embeddings replaced once by their antialiased resampling, then the plain forward
+    gear = copy.deepcopy(model)
+    gear.pos_embed.data = gear_pos_embed(model.pos_embed.data, grid)
+    with torch.no_grad():
+        expected = gear.forward_features(gear_input(raw, grid))["x_norm_patchtokens"]
+        on_the_fly = model.forward_features(gear_input(raw, grid))["x_norm_patchtokens"]
+    assert max_relative(out, expected) < 1e-5
+    assert max_relative(on_the_fly, expected) > 1e-2  # the model's own interpolation is not GEAR's
+    # the model keeps its checkpoint embeddings: the resampled ones are cached beside it, per grid
+    assert torch.equal(t.model.pos_embed, model.pos_embed)
+    cached = t.grid_position_embedding(grid)
+    assert cached is t.grid_position_embedding(grid) and cached.shape == (1, 1 + grid * grid, 24)
+    assert torch.equal(t(raw / 127.5 - 1, grid), out)
+
+
+@needs_transformers
+@pytest.mark.parametrize("grid", GRIDS)
+def test_dinov2_transformers_teacher_computes_gears_features(tmp_path, grid):
+    model = transformers_folder(tmp_path)
+    t = build_teacher("dinov2-vitb14", path=str(tmp_path))
+    assert t.backend == "transformers" and t.resample_once and t.feature_dim == 32
+    raw = uint8_images()
+    out = t(raw / 127.5 - 1, grid)
+    assert out.shape == (2, grid * grid, 32)
+    gear = copy.deepcopy(model)
+    gear.embeddings.position_embeddings.data = gear_pos_embed(model.embeddings.position_embeddings.data, grid)
+    with torch.no_grad():
+        expected = gear(pixel_values=gear_input(raw, grid)).last_hidden_state[:, 1:]
+        on_the_fly = model(pixel_values=gear_input(raw, grid)).last_hidden_state[:, 1:]
+    assert max_relative(out, expected) < 1e-5
+    assert max_relative(on_the_fly, expected) > 1e-2
+    assert torch.equal(t.model.embeddings.position_embeddings, model.embeddings.position_embeddings)
+
+
+@needs_transformers
+def test_dinov2_teacher_recomputes_its_cache_when_the_weights_change(tmp_path):
+    transformers_folder(tmp_path)
+    t = build_teacher("dinov2-vitb14", path=str(tmp_path))
+    x = uint8_images() / 127.5 - 1
+    before = t(x, 4)
+    with torch.no_grad():
+        t.model.embeddings.position_embeddings.mul_(2)
+    assert not torch.equal(t(x, 4), before)
+    # the teacher's weights (code stores key its features by their digest) do not depend on the grids used
+    state = {k: v.clone() for k, v in t.state_dict().items()}
+    t(x, 6)
+    assert state.keys() == t.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in t.state_dict().items())
+
+
+def test_dinov2_hub_loading_and_its_errors(tmp_path):
+    model = hub_repo(tmp_path)
+    t = build_teacher("dinov2-vitb14", path=str(tmp_path / "dinov2_vitb14_pretrain.pth"))  # the file itself
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in t.model.state_dict().items())
+    torch.save({"pos_embed": torch.zeros(1)}, tmp_path / "dinov2_vitb14_pretrain.pth")
     with pytest.raises(ValueError, match="does not fit"):
         build_teacher("dinov2-vitb14", path=str(tmp_path))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers not installed")
-def test_dinov2_from_a_transformers_folder(tmp_path):
-    from transformers import Dinov2Config, Dinov2Model
+@needs_transformers
+def test_dinov2_registers_variant_keeps_its_own_interpolation(tmp_path):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                          patch_size=14, image_size=56)
-    Dinov2Model(config).eval().save_pretrained(tmp_path)
+    config = Dinov2WithRegistersConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, patch_size=14, image_size=14 * EMBED_GRID)
+    model = randomize(Dinov2WithRegistersModel(config))
+    model.save_pretrained(tmp_path)
     t = build_teacher("dinov2-vitb14", path=str(tmp_path))
-    x = images(2, size=64)
-    out = t(x, 3)
-    assert out.shape == (2, 9, 32) and t.feature_dim == 32
-    reference = Dinov2Model.from_pretrained(tmp_path).eval()
-    z = imagenet_normalize(F.interpolate(x, size=(42, 42), mode="bicubic", align_corners=False))
+    assert not t.resample_once
+    raw = uint8_images(1)
     with torch.no_grad():
-        expected = reference(pixel_values=z).last_hidden_state[:, 1:]
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        expected = model(pixel_values=gear_input(raw, 4)).last_hidden_state[:, -16:]
+    assert max_relative(t(raw / 127.5 - 1, 4), expected) < 1e-5
+
+
+@needs_transformers
+@pytest.mark.skipif(not (resolve_root() / "train-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST not installed")
+def test_a_joint_run_trains_with_a_tiny_dinov2_teacher(tmp_path, monkeypatch):
+    folder = tmp_path / "dinov2"
+    transformers_folder(folder, embed_grid=16)  # 16 x 16 embeddings resampled to the run's 8 x 8 token grid
+    grids = []
+    features = DinoV2Teacher.features
+    monkeypatch.setattr(DinoV2Teacher, "features", lambda self, x, grid: grids.append(grid) or features(self, x, grid))
+    joint = tmp_path / "joint"
+    assert main(["train", "configs/fmnist-joint.yaml", *TINY_RUN, f"train.out_dir={joint}", "model.tokenizer_init=",
+                 "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}",
+                 "align.teacher=dinov2-vitb14", f"align.teacher_path={folder}"]) == 0
+    assert grids and set(grids) == {8}
+    summary = json.loads((joint / "summary.json").read_text())
+    assert math.isfinite(summary["ar/align_cos"]) and math.isfinite(summary["tok/align_tok"])
 
 
 # --- REPA -----------------------------------------------------------------------------------------------

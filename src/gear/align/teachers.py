@@ -11,6 +11,8 @@ own feature map is ``grid x grid`` (DINOv2-B/14: ``grid*14`` px, so 224 px -> 16
 from __future__ import annotations
 
 import importlib
+import math
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -247,8 +249,32 @@ _DINOV2_HELP = (
 )
 
 
+def resample_position_embedding(pos_embed: Tensor, grid: int) -> Tensor:
+    """ViT absolute position embeddings (1, 1 + n*n, D) -> (1, 1 + grid*grid, D), as GEAR resamples DINOv2's
+    once at load (timm's ``resample_abs_pos_embed``): the class token's embedding kept, the n x n patch part
+    resized bicubic *with antialiasing*, in float32. Unchanged if the grid already is n x n."""
+    n = math.isqrt(max(pos_embed.shape[1] - 1, 0)) if pos_embed.ndim == 3 else 0
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or n < 1 or n * n != pos_embed.shape[1] - 1:
+        raise ValueError(f"expected position embeddings of shape (1, 1 + n*n, D), got {tuple(pos_embed.shape)}")
+    if n == grid:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patches = pos_embed[:, 1:].float().reshape(1, n, n, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], patches], dim=1)
+
+
 class DinoV2Teacher(Teacher):
-    """DINOv2 patch tokens after the final norm; the image is resized (bicubic) to ``14 * grid`` px."""
+    """DINOv2 patch tokens after the final norm, computed as GEAR computes them.
+
+    The image is resized (bicubic, no antialias) to ``14 * grid`` px and ImageNet-normalised; the position
+    embeddings are resampled once per grid with ``resample_position_embedding`` (antialiased) and cached. The
+    forward runs with them in place of the model's own, so the patch count equals the embedding count and neither
+    DINOv2's nor transformers' ``interpolate_pos_encoding`` resamples again (theirs is not antialiased, and the hub
+    one offsets the scale factor by 0.1). Registers variants are run as they are: their own interpolation is the
+    antialiased one already.
+    """
 
     patch = 14
 
@@ -260,14 +286,48 @@ class DinoV2Teacher(Teacher):
         self.model = model
         self.feature_dim = feature_dim
         self.backend = backend
+        if backend == "hub":
+            registers = int(getattr(model, "num_register_tokens", 0)) > 0
+            self._pos_owner, self._pos_attr = model, "pos_embed"
+        else:
+            registers = "register" in getattr(model.config, "model_type", "")
+            self._pos_owner, self._pos_attr = model.embeddings, "position_embeddings"
+        self.resample_once = not registers
+        # grid -> (the embeddings it was resampled from, the resampled ones). Not buffers: the teacher's weights
+        # (and their digest in code stores) stay the checkpoint's, whatever grids were used.
+        self._grid_pos: dict[int, tuple[Tensor, nn.Parameter]] = {}
         self.freeze()
+
+    def grid_position_embedding(self, grid: int) -> Tensor:
+        """The position embeddings the forward uses for a ``grid x grid`` token map (resampled once, cached)."""
+        source = getattr(self._pos_owner, self._pos_attr).detach()
+        cached = self._grid_pos.get(grid)
+        fresh = (cached is not None and cached[0].device == source.device and cached[0].dtype == source.dtype
+                 and torch.equal(cached[0], source))  # recomputed after .to() or a weights reload
+        if not fresh:
+            resampled = nn.Parameter(resample_position_embedding(source, grid).clone(), requires_grad=False)
+            cached = self._grid_pos[grid] = (source.clone(), resampled)
+        return cached[1]
+
+    @contextmanager
+    def _position_embedding_for(self, grid: int):
+        if not self.resample_once:
+            yield
+            return
+        original = getattr(self._pos_owner, self._pos_attr)
+        setattr(self._pos_owner, self._pos_attr, self.grid_position_embedding(grid))
+        try:
+            yield
+        finally:
+            setattr(self._pos_owner, self._pos_attr, original)
 
     def features(self, images: Tensor, grid: int) -> Tensor:
         x = imagenet_normalize(resize(images, grid * self.patch))
-        if self.backend == "hub":
-            return self.model.forward_features(x)["x_norm_patchtokens"]
-        # last_hidden_state is [CLS, (registers), patches], already layer-normed: keep the patch tokens.
-        return self.model(pixel_values=x).last_hidden_state[:, -grid * grid :]
+        with self._position_embedding_for(grid):
+            if self.backend == "hub":
+                return self.model.forward_features(x)["x_norm_patchtokens"]
+            # last_hidden_state is [CLS, (registers), patches], already layer-normed: keep the patch tokens.
+            return self.model(pixel_values=x).last_hidden_state[:, -grid * grid :]
 
 
 def load_dinov2(path: str | None, entrypoint: str = "dinov2_vitb14") -> DinoV2Teacher:
