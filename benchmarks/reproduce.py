@@ -193,7 +193,8 @@ class Runner:
         return {"points": points, "loop_seconds": seconds, "extract_seconds": done.seconds if done.wrote else 0.0}
 
     def eval_generation(self, run_dir: Path, step: int) -> dict:
-        from gear.eval.runs import generation_metrics, load_pair
+        from gear.eval.runs import generation_metrics
+        from gear.run import load_pair
 
         tok, gen = load_pair(run_dir, device=self.device)
         m = generation_metrics(tok, gen, self.data, num=self.budget.fid_samples, cfg_scale=self.budget.cfg_scale,
@@ -203,7 +204,7 @@ class Runner:
 
     def sample_grid(self, run_dir: Path, path: Path) -> None:
         from gear.data.transforms import save_image_grid
-        from gear.eval.runs import load_pair
+        from gear.run import load_pair
 
         tok, gen = load_pair(run_dir, device=self.device)
         per = self.budget.grid_per_class

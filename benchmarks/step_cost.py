@@ -400,7 +400,7 @@ def modules_with_tokenizer(b: Bench, path: str, num_classes: int) -> Modules:
     """A saved (trained) tokenizer with a fresh AR and projector of the benchmark's sizes."""
     from gear.models.autoencoder import Tokenizer
     from gear.models.gpt import build_generator
-    from gear.train.build import TOKENIZER_DIR, model_dir
+    from gear.run import TOKENIZER_DIR, model_dir
 
     torch.manual_seed(0)
     tok = Tokenizer.from_pretrained(model_dir(path, TOKENIZER_DIR)).to(b.device)

@@ -17,9 +17,10 @@ from PIL import Image
 from gear.cli import main
 from gear.data.fashion_mnist import resolve_root
 from gear.data.transforms import square_view
+from gear.run import read_metrics
 from gear.sample import SampleSettings
 from gear.serve import check_port
-from gear.serve.curves import PANEL_TITLES, curve_panels, read_metrics
+from gear.serve.curves import PANEL_TITLES, curve_panels
 from gear.serve.explorer import RunExplorer, code_colours
 from gear.text.grid import PromptSettings
 

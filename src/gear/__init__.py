@@ -12,6 +12,9 @@ The public API::
 
     pipe = gear.load_text_to_image("runs/demo-t2i")   # a text-conditioned run: tokenizer, generator, text encoder
     images = pipe(["a small bright sneaker"], cfg_scale=3.0, seed=0)
+
+    run = gear.open_run("runs/demo/ar")              # a run directory: its config, kind and models (gear.run)
+    tok, gpt = run.load_pair()
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from gear.models.autoencoder import TOKENIZER_PRESETS, Tokenizer, TokenizerConfi
 from gear.models.gpt import GPT, GPT_PRESETS, GPTConfig, build_generator
 from gear.models.released import RELEASED_SUFFIXES, is_released_file, released_generator, released_tokenizer
 from gear.models.gpt_t2i import TextCondition, TextGPT
+from gear.run import GENERATOR_DIR, TOKENIZER_DIR, Run, is_text_run, model_dir, open_run
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GPT", "GPTConfig", "GPT_PRESETS", "TOKENIZER_PRESETS", "TextCondition", "TextGPT", "Tokenizer", "TokenizerConfig",
-    "build_generator", "build_tokenizer", "is_text_run", "load_generator", "load_text_to_image", "load_tokenizer",
+    "GPT", "GPTConfig", "GPT_PRESETS", "Run", "TOKENIZER_PRESETS", "TextCondition", "TextGPT", "Tokenizer", "TokenizerConfig",
+    "build_generator", "build_tokenizer", "is_text_run", "load_generator", "load_text_to_image", "load_tokenizer", "open_run",
 ]
 
 
@@ -36,8 +40,6 @@ def load_tokenizer(path: str | Path, ema: bool = True, map_location: str = "cpu"
     """A tokenizer from a ``save_pretrained`` directory, a run directory (its EMA weights by default), or a
     released checkpoint file (.pt/.pth/.ckpt/.bin/.safetensors) with the ``preset`` of its architecture and
     TokenizerConfig ``overrides``."""
-    from gear.train.build import TOKENIZER_DIR, model_dir
-
     if _released(path, preset, overrides):
         return released_tokenizer(path, preset, ema=ema, **overrides)[0].to(map_location)
     return Tokenizer.from_pretrained(model_dir(path, TOKENIZER_DIR, ema=ema), map_location=map_location)
@@ -48,8 +50,6 @@ def load_generator(path: str | Path, ema: bool = True, map_location: str = "cpu"
     """A generator from a ``save_pretrained`` directory, a run directory (its EMA weights by default), or a
     released checkpoint file with the ``preset`` of its architecture and GPTConfig ``overrides`` (the token
     grid is not stored in LlamaGen's files: pass ``grid_size=24`` for its 384 px models); a TextGPT when it is text-conditioned."""
-    from gear.train.build import GENERATOR_DIR, model_dir
-
     if _released(path, preset, overrides):
         return released_generator(path, preset, ema=ema, **overrides)[0].to(map_location)
     return GPT.from_pretrained(model_dir(path, GENERATOR_DIR, ema=ema), map_location=map_location)
@@ -71,10 +71,3 @@ def load_text_to_image(run_dir: str | Path, ema: bool = True, device: str = "cpu
     from gear.text.pipeline import load_text_to_image as load
 
     return load(run_dir, ema=ema, device=device, encoder_path=encoder_path)
-
-
-def is_text_run(run_dir: str | Path) -> bool:
-    """True when the run directory's generator is text-conditioned."""
-    from gear.text.pipeline import is_text_run as check
-
-    return check(run_dir)

@@ -98,13 +98,12 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    from gear.config import load_config
-    from gear.train.loop import Trainer
-
     import dataclasses
 
-    config = Path(args.run_dir) / "config.yaml"
-    cfg = load_config(config, args.overrides)
+    from gear.run import read_run_config
+    from gear.train.loop import Trainer
+
+    cfg = read_run_config(args.run_dir, args.overrides)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(args.run_dir)))
     _print_summary(Trainer(cfg, resume=True).fit(), "resume")
 
@@ -124,8 +123,7 @@ def _print_summary(summary, command: str) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     import gear
     from gear.sample import SampleSettings, sample_grid
-    from gear.text.pipeline import is_text_run
-    from gear.train.build import check_pair
+    from gear.run import check_pair, is_text_run
 
     if is_text_run(args.run_dir):
         return _sample_text(args)
@@ -190,24 +188,25 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 
 def _run_image_size(run_dir: str) -> int:
-    from gear.config import load_config
+    from gear.run import CONFIG_FILE, read_run_config
 
-    config = Path(run_dir) / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found; pass --size")
-    return load_config(config).data.image_size
+    try:
+        return read_run_config(run_dir).data.image_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{Path(run_dir) / CONFIG_FILE} not found; pass --size") from None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from gear.eval import runs
+    from gear.run import load_pair, read_run_config
 
-    data = runs.run_data_config(args.run_dir)
+    data = read_run_config(args.run_dir).data
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.what == "t2i":
         return _eval_t2i(args, data, cache)
     if args.what == "gen" and data.name in ("fashion-mnist-captions", "jsonl", "webdataset"):
         raise ValueError(f"{args.run_dir} is text-conditioned: measure it with `gear eval t2i`")
-    tok, gen = runs.load_pair(args.run_dir, ema=not args.live, device=args.device)
+    tok, gen = load_pair(args.run_dir, ema=not args.live, device=args.device)
     classifier = None
     if args.feature == "classifier" or (args.what == "gen" and data.name == "fashion-mnist"):
         classifier = runs.reference_classifier(data, cache, device=args.device)
@@ -228,6 +227,7 @@ def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
 
     from gear.eval import runs
     from gear.eval.t2i import t2i_metrics
+    from gear.run import load_pair
     from gear.text.pipeline import load_text_to_image
 
     scales = tuple(float(s) for s in args.cfg_scales.split(","))
@@ -236,7 +236,7 @@ def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
         raise ValueError(f"gear eval t2i measures runs on captioned Fashion-MNIST, not data.name={data.name}")
     # the same images as plain Fashion-MNIST: the class runs' cached reference classifier
     classifier = runs.reference_classifier(dataclasses.replace(data, name="fashion-mnist"), cache, device=args.device)
-    ceiling = runs.load_pair(args.ceiling, ema=not args.live, device=args.device) if args.ceiling else None
+    ceiling = load_pair(args.ceiling, ema=not args.live, device=args.device) if args.ceiling else None
     if ceiling is not None and ceiling[1] is None:
         raise FileNotFoundError(f"--ceiling {args.ceiling} holds no generator: pass a class-conditional ar run")
     metrics = t2i_metrics(pipe, data, classifier, num=args.num, cfg_scales=scales, batch_size=args.batch_size,
@@ -273,7 +273,7 @@ def _config_overrides(items: list[str], config_class: type) -> dict:
 
     import yaml
 
-    from gear.config import _coerce
+    from gear.config import coerce
 
     hints = typing.get_type_hints(config_class)
     out = {}
@@ -281,7 +281,7 @@ def _config_overrides(items: list[str], config_class: type) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or key not in hints:
             raise ValueError(f"{item!r} is not a {config_class.__name__} key=value; valid keys: {sorted(hints)}")
-        out[key] = _coerce(yaml.safe_load(raw), hints[key], key)
+        out[key] = coerce(yaml.safe_load(raw), hints[key], key)
     return out
 
 

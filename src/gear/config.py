@@ -296,7 +296,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, raw, key + ".")
         else:
-            kwargs[name] = _coerce(raw, hint, key)
+            kwargs[name] = coerce(raw, hint, key)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -305,7 +305,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
         raise ConfigError(f"config section {prefix.rstrip('.')}: {err}") from None
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` (as YAML reads it) checked against, and converted to, the type ``hint`` of a config field named
+    ``key``; ConfigError otherwise. Also what `gear convert` uses for its TokenizerConfig/GPTConfig overrides."""
     origin = typing.get_origin(hint)
     bad = ConfigError(f"config key {key} expects {_type_name(hint)}, got {value!r} ({type(value).__name__})")
     if hint is bool:
@@ -344,10 +346,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise bad
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
+            return tuple(coerce(v, args[0], key) for v in value)
         if len(args) != len(value):
             raise bad
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        return tuple(coerce(v, a, key) for v, a in zip(value, args))
     raise ConfigError(f"config key {key}: unsupported field type {hint}")  # a bug in the dataclasses
 
 

@@ -1,4 +1,4 @@
-"""Evaluation of a run directory: what `gear eval gen|recon`, training-time FID and the benchmarks call.
+"""Evaluation of a run's models: what `gear eval gen|recon`, training-time FID and the benchmarks call.
 
 Real images come from the run's own data config (the held-out split); reference statistics and the
 Fashion-MNIST reference classifier are computed once and cached under ``cache_dir``.
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from gear.config import load_config
 from gear.data import DataConfig, build_dataset, to_uint8_image
 from gear.eval.classifier import Classifier, classifier_accuracy, train_classifier
 from gear.eval.evaluate import evaluate_generation, evaluate_reconstruction, make_feature_extractor, reference_stats
@@ -76,19 +75,6 @@ def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s.image for s in samples]), torch.tensor([int(s.label) for s in samples])
 
 
-def load_pair(run_dir: str | Path, ema: bool = True, device: str = "cpu") -> tuple[Tokenizer, GPT | None]:
-    import gear
-    from gear.train.build import check_pair
-
-    tok = gear.load_tokenizer(run_dir, ema=ema, map_location=device).eval()
-    try:
-        gen = gear.load_generator(run_dir, ema=ema, map_location=device).eval()
-    except FileNotFoundError:
-        return tok, None
-    check_pair(tok, gen)
-    return tok, gen
-
-
 def generation_metrics(tok: Tokenizer, gen: GPT, data: DataConfig, *, num: int, cfg_scale: float, feature: str = "inception",
                        batch_size: int = 50, seed: int = 0, classifier: ReferenceClassifier | None = None,
                        cache_dir: Path | None = None, npz: str | None = None, progress: bool = False) -> dict:
@@ -136,13 +122,6 @@ def reconstruction_metrics(tok: Tokenizer, data: DataConfig, *, num: int, featur
                                       codebook_size=tok.codebook_size, encode_fn=encode, feature=feature,
                                       classifier=classifier.model if classifier is not None else None, progress=progress)
     return metrics.to_dict()
-
-
-def run_data_config(run_dir: str | Path) -> DataConfig:
-    config = Path(run_dir) / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: pass a run directory written by `gear train`")
-    return load_config(config).data
 
 
 def write_json(metrics: dict, out: str | Path | None) -> str:

@@ -1,4 +1,4 @@
-"""A run's training curves from its metrics.jsonl, grouped into the panels the page plots.
+"""A run's training curves from its metrics.jsonl (gear.run.read_metrics), grouped into the panels the page plots.
 
 Each panel is long-format rows (step, value, metric): one line per metric. The file is read afresh each time,
 so a run still training shows its newest steps; a line still being written is skipped.
@@ -6,13 +6,9 @@ so a run still training shows its newest steps; a line still being written is sk
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def _is_loss(key: str) -> bool:
@@ -38,22 +34,6 @@ class Panel:
     @property
     def metrics(self) -> list[str]:
         return sorted({r["metric"] for r in self.rows})
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl`` ([] when there is none); unparsable lines are skipped."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            records.append(record)
-    return records
 
 
 def curve_panels(records: list[dict]) -> list[Panel]:

@@ -8,40 +8,26 @@ from __future__ import annotations
 
 import colorsys
 import itertools
-import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from gear.config import load_config
 from gear.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from gear.data.fmnist_captions import demo_prompts
 from gear.data.image_folder import load_rgb
 from gear.data.transforms import square_view, to_uint8_image
 from gear.eval.image_metrics import psnr
-from gear.eval.runs import load_pair
-from gear.models.gpt import GPT
-from gear.models.gpt_t2i import TextGPT
+from gear.run import open_run
 from gear.sample import SampleSettings, sample_grid
-from gear.serve.curves import Panel, curve_panels, read_metrics
+from gear.serve.curves import Panel, curve_panels
 from gear.text.grid import PromptSettings, sample_prompt_grid
-from gear.text.pipeline import TextToImage, is_text_run, load_text_to_image
+from gear.text.pipeline import TextToImage, load_text_to_image
 
-RunKind = Literal["tokenizer", "class", "text"]
 MAX_IMAGES = 160  # per grid on the page; `gear sample` draws larger ones
 GOLDEN = 0.6180339887498949
-
-
-def run_kind(gen: GPT | None) -> RunKind:
-    """The one place that decides what the page offers for a run: "tokenizer" (no generator: reconstruction and
-    curves only), "class" (class picker) or "text" (a prompt box)."""
-    if gen is None:
-        return "tokenizer"
-    return "text" if isinstance(gen, TextGPT) else "class"
 
 
 @dataclass
@@ -76,17 +62,15 @@ class RunExplorer:
 
     def __init__(self, run_dir: str | Path, device: str = "cpu", out_dir: str | Path | None = None):
         self.run_dir = str(run_dir)  # as the user wrote it: it goes into the `gear sample` command
-        config = Path(run_dir) / "config.yaml"
-        if not config.is_file():
-            raise FileNotFoundError(f"{config} not found: pass a run directory written by `gear train`")
-        self.config = load_config(config)
+        self.run = open_run(run_dir)
+        self.config = self.run.config
+        self.kind = self.run.kind  # what the page offers: reconstruction and curves only, a class picker or a prompt box
         self.pipe: TextToImage | None = None
-        if is_text_run(run_dir):  # the tokenizer and generator come with the run's text encoder
-            self.pipe = load_text_to_image(run_dir, device=device)
+        if self.kind == "text":  # the tokenizer and generator come with the run's text encoder
+            self.pipe = load_text_to_image(self.run, device=device)
             self.tok, self.gen = self.pipe.tokenizer, self.pipe.generator
         else:
-            self.tok, self.gen = load_pair(run_dir, device=device)
-        self.kind = run_kind(self.gen)
+            self.tok, self.gen = self.run.load_pair(device=device)
         self.image_size = self.config.data.image_size
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="gear-serve-"))
         self._names = itertools.count()
@@ -153,15 +137,11 @@ class RunExplorer:
     # ------------------------------------------------------------------ curves and summary
 
     def curves(self) -> list[Panel]:
-        return curve_panels(read_metrics(self.run_dir))
+        return curve_panels(self.run.metrics())
 
     def summary(self) -> dict:
         """summary.json of the run ({} while the run has not finished a stage)."""
-        path = Path(self.run_dir) / "summary.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
+        return self.run.summary()
 
     def description(self) -> str:
         """One line on the models: tokenizer codebook and grid, generator size and classes."""

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from gear.models.autoencoder import Tokenizer
 from gear.models.gpt_t2i import TextCondition, TextGPT
+from gear.run import Run, check_pair, open_run
 from gear.text.encoders import TextEncoder
 
 
@@ -46,34 +47,16 @@ class TextToImage:
         return self.tokenizer.decode(indices).float().clamp(-1, 1)
 
 
-def is_text_run(run_dir: str | Path) -> bool:
-    """True when the run's generator is text-conditioned (its generator/config.json says condition "text")."""
-    from gear.models.gpt import GPTConfig
-    from gear.models.pretrained import read_config
-    from gear.train.build import GENERATOR_DIR, model_dir
-
-    try:
-        return read_config(model_dir(run_dir, GENERATOR_DIR), "generator", GPTConfig).condition == "text"
-    except FileNotFoundError:
-        return False
-
-
-def load_text_to_image(run_dir: str | Path, *, ema: bool = True, device: str = "cpu", encoder_path: str | None = None
-                       ) -> TextToImage:
+def load_text_to_image(run_dir: str | Path | Run, *, ema: bool = True, device: str = "cpu",
+                       encoder_path: str | None = None) -> TextToImage:
     """The pipeline of a text-conditioned run (its config.yaml names the encoder; ``encoder_path`` overrides
     where that encoder's folder is, e.g. on another machine)."""
-    import gear
-    from gear.config import load_config
-    from gear.train.build import check_pair
-
-    config = Path(run_dir) / "config.yaml"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found: pass a run directory written by `gear train`")
-    text = load_config(config).text
-    tok = gear.load_tokenizer(run_dir, ema=ema, map_location=device).eval()
-    gen = gear.load_generator(run_dir, ema=ema, map_location=device).eval()
+    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir)
+    text = run.config.text
+    tok = run.load_tokenizer(ema=ema, device=device)
+    gen = run.load_generator(ema=ema, device=device)
     if not isinstance(gen, TextGPT) or not text.encoder:
-        raise ValueError(f"{run_dir} holds a class-conditional generator: sample it with class labels (--classes)")
+        raise ValueError(f"{run.path} holds a class-conditional generator: sample it with class labels (--classes)")
     check_pair(tok, gen)
     encoder = TextEncoder(text.encoder, encoder_path if encoder_path is not None else text.encoder_path,
                           gen.config.text_len, device=device)

@@ -1,34 +1,15 @@
-"""Build a run's models from its config, and find saved models inside run directories."""
+"""Build a run's models from its config (initial weights from a run directory, a saved model or a released file)."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from gear.config import Config
 from gear.models.autoencoder import Tokenizer, build_tokenizer
 from gear.models.gpt import GPT, build_generator
 from gear.models.gpt_t2i import TextCondition
-from gear.models.pretrained import CONFIG_NAME
 from gear.models.released import is_released_file, released_generator, released_tokenizer
-
-TOKENIZER_DIR = "tokenizer"        # inside a run directory: EMA weights (what sampling uses)
-GENERATOR_DIR = "generator"
-LIVE_SUFFIX = "-live"              # tokenizer-live/, generator-live/: the raw (non-EMA) weights
-
-
-def model_dir(path: str | Path, kind: str, ema: bool = True) -> Path:
-    """A saved model directory, given either that directory or a run directory that holds one."""
-    path = Path(path)
-    if (path / CONFIG_NAME).is_file():
-        return path
-    sub = path / (kind if ema else kind + LIVE_SUFFIX)
-    if (sub / CONFIG_NAME).is_file():
-        return sub
-    raise FileNotFoundError(
-        f"{path} holds no saved {kind}: expected {path / CONFIG_NAME} or {sub / CONFIG_NAME} "
-        f"(a run directory written by `gear train`)"
-    )
+from gear.run import GENERATOR_DIR, TOKENIZER_DIR, check_pair, model_dir
 
 
 def tokenizer_from_config(cfg: Config) -> Tokenizer:
@@ -102,17 +83,3 @@ def _with_derived(overrides: dict, derived: dict) -> dict:
             raise ValueError(f"model.generator_overrides.{key}={out[key]} disagrees with the tokenizer/data ({value}); drop it")
         out[key] = value
     return out
-
-
-def check_pair(tokenizer: Tokenizer, generator: GPT, image_size: int | None = None) -> None:
-    """A tokenizer and an AR belong together when the AR's vocabulary is the codebook (and grids agree)."""
-    if generator.config.vocab_size != tokenizer.codebook_size:
-        raise ValueError(
-            f"mismatched tokenizer and generator: codebook has {tokenizer.codebook_size} codes, "
-            f"the generator's vocabulary is {generator.config.vocab_size}; load the pair saved by the same run"
-        )
-    if image_size is not None and generator.config.grid_size * tokenizer.downsample != image_size:
-        raise ValueError(
-            f"mismatched tokenizer and generator: a {generator.config.grid_size}x{generator.config.grid_size} token grid "
-            f"at downsample {tokenizer.downsample} is not {image_size} px"
-        )

@@ -25,12 +25,13 @@ from gear.data.bad_samples import substitutions
 from gear.files import WriteError
 from gear.losses.discriminator import PatchGANDiscriminator
 from gear.losses.perceptual import build_perceptual_loss
+from gear.run import LIVE_SUFFIX, TOKENIZER_DIR, model_dir
 from gear.train import checkpoint as ckpt
 from gear.train import previews, sharding
 from gear.train.bad_data import BadSampleLog
 from gear.train.batches import StepBatch, batch_stream
 from gear.models.autoencoder import Tokenizer
-from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
+from gear.train.build import generator_from_config, tokenizer_from_config
 from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_process, barrier, setup_distributed
 from gear.train.ema import EMA
 from gear.train.code_store import CodeStore
