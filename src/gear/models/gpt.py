@@ -6,8 +6,9 @@ released LlamaGen class-to-image checkpoints, so their state dicts load with ``l
 
 Two additions for GEAR:
 - soft input: ``tokens`` may be a (B, T, vocab) assignment; its embedding is ``soft @ tok_embeddings.weight``,
-  so gradients reach whatever produced the assignment. A ``SparseSoft`` (the k largest weights of each
-  assignment and their indices) embeds to the same vectors without a (B, T, vocab) tensor or a vocab-sized matmul;
+  so gradients reach whatever produced the assignment. A ``SparseSoft`` (gear.models.soft: the k largest weights
+  of each assignment and their indices) embeds to the same vectors without a (B, T, vocab) tensor or a vocab-sized
+  matmul;
 - a tap: the output of block ``tap_layer`` is returned for alignment, and ``stop_at_tap`` skips the rest.
 """
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gear.models.pretrained import Pretrained, read_config
+from gear.models.soft import SparseSoft
 
 if TYPE_CHECKING:
     from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache
@@ -94,26 +96,6 @@ class GPTConfig:
     @property
     def ffn_hidden(self) -> int:
         return find_multiple(int(2 * 4 * self.dim / 3), self.multiple_of)
-
-
-@dataclass(frozen=True)
-class SparseSoft:
-    """A soft assignment that is zero outside k codes per position: ``weights`` on the codes ``indices``.
-
-    Equal as AR input to the dense (B, T, vocab) assignment that holds ``weights`` at ``indices`` and zeros
-    elsewhere. Indexing slices the (B, T) dims of both, so ``soft[:, :-1]`` works as for a dense tensor.
-    """
-
-    indices: Tensor  # (B, T, k) int64
-    weights: Tensor  # (B, T, k) float
-
-    def __getitem__(self, key) -> SparseSoft:
-        return SparseSoft(self.indices[key], self.weights[key])
-
-    def to_dense(self, vocab_size: int) -> Tensor:
-        """The (B, T, vocab_size) assignment; duplicate indices add up, as in the embedding."""
-        dense = self.weights.new_zeros(*self.indices.shape[:-1], vocab_size)
-        return dense.scatter_add(-1, self.indices, self.weights)
 
 
 @dataclass

@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gear.models.gpt import GPT, FeedForward, GPTConfig, GPTOutput, RMSNorm, SparseSoft, apply_rope, rope_table
+from gear.models.gpt import GPT, FeedForward, GPTConfig, GPTOutput, RMSNorm, apply_rope, rope_table
 from gear.models.pretrained import Pretrained
 from gear.models.sampling import KVCache, LayerKVCache, _check_args, decode
+from gear.models.soft import SparseSoft
 
 
 class TextCondition(NamedTuple):

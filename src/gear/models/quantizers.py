@@ -2,8 +2,8 @@
 
 Every quantizer maps a latent ``z`` of shape (B, C, h, w) to a ``QuantizerOutput``: the quantized
 latent, the hard indices, and ``d`` of shape (B*h*w, K) chosen so that ``softmax(-d / T)`` is the
-family's soft assignment over its K codes. GEAR feeds that soft assignment to the generator, so
-``d`` is differentiable with respect to ``z`` and (VQ, IBQ) the codebook.
+family's soft assignment over its K codes (``gear.models.soft``). GEAR feeds that soft assignment to the
+generator, so ``d`` is differentiable with respect to ``z`` and (VQ, IBQ) the codebook.
 
 The quantizer math always runs in float32, even under autocast: nearest-code search and the
 entropy softmax at temperature 0.01 are too sensitive for bf16.
@@ -52,13 +52,6 @@ class _Assignment(NamedTuple):
     d: Tensor  # (N, K)
     codebook: Tensor  # scalar, as the family weights it
     commitment: Tensor  # scalar, as the family weights it
-
-
-def soft_assignment(d: Tensor, temperature: float) -> Tensor:
-    """``softmax(-d / temperature)`` over the codes (last dim)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return torch.softmax(-d / temperature, dim=-1)
 
 
 def global_mean(x: Tensor, dim: int = 0) -> Tensor:
