@@ -17,21 +17,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gear.models.generators import generator_class, register_generator
 from gear.models.pretrained import Pretrained, read_config
+from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache, generate
 from gear.models.soft import SparseSoft
 
-if TYPE_CHECKING:
-    from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache
-
-
-CONDITIONS = ("class", "text")
+CONDITIONS = ("class", "text")  # each has a generator class in gear.models.generators.GENERATORS
 
 
 @dataclass
@@ -215,6 +212,7 @@ class LabelEmbedding(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)  # (B, 1, dim)
 
 
+@register_generator("class")
 class GPT(nn.Module, Pretrained):
     config_class = GPTConfig
     kind = "generator"
@@ -246,7 +244,7 @@ class GPT(nn.Module, Pretrained):
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> nn.Module:
-        """A saved generator: a GPT, or a TextGPT when its config is text-conditioned."""
+        """A saved generator, as the class registered for its config's condition: a GPT, or a TextGPT."""
         config = read_config(directory, cls.kind, GPTConfig)
         return Pretrained.from_pretrained.__func__(generator_class(config), directory, map_location)
 
@@ -333,8 +331,6 @@ class GPT(nn.Module, Pretrained):
         on_token: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Sample token grids (B, grid_size, grid_size) int64 for class labels (B,); see gear.models.sampling."""
-        from gear.models.sampling import generate
-
         return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         on_token=on_token)
 
@@ -417,17 +413,9 @@ GPT_PRESETS: dict[str, GPTConfig] = {
 }
 
 
-def generator_class(config: GPTConfig) -> type[nn.Module]:
-    """GPT for class conditioning, TextGPT (gear.models.gpt_t2i) for text conditioning."""
-    if config.condition == "text":
-        from gear.models.gpt_t2i import TextGPT
-
-        return TextGPT
-    return GPT
-
-
-def build_generator(preset: str, **overrides) -> GPT:
-    """A fresh GPT from a preset name, with config fields overridden by keyword."""
+def build_generator(preset: str, **overrides) -> nn.Module:
+    """A fresh generator from a preset name, with config fields overridden by keyword: a GPT, or the class
+    registered for the preset's condition (TextGPT for "gpt-t2i")."""
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown generator preset {preset!r}; valid presets: {sorted(GPT_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
