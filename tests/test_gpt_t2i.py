@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import gear
-from gear.models.gpt import GPT_PRESETS, GPTConfig, build_generator, generator_class
+from gear.models.generators import GENERATORS, generator_class
+from gear.models.gpt import CONDITIONS, GPT, GPT_PRESETS, GPTConfig, build_generator
 from gear.models.gpt_t2i import TextCondition, TextGPT, fit_left, prefix_mask
 from gear.models.sampling import sample_logits
 
@@ -46,6 +47,7 @@ def image_tokens(model, batch=3, seed=1):
 def test_the_class_and_text_models_come_from_one_config():
     assert type(build_generator("gpt-tiny")).__name__ == "GPT"
     assert generator_class(GPT_PRESETS["gpt-t2i"]) is TextGPT
+    assert sorted(GENERATORS) == sorted(CONDITIONS)  # every condition a config accepts has its class
     with torch.device("meta"):
         big = build_generator("gpt-t2i")
     # GEAR's T2I AR: 36 layers, dim 1440, 12 dual-stream blocks, captions of 2048-d features
@@ -186,6 +188,7 @@ def test_save_and_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path / "gen")
     loaded = gear.load_generator(tmp_path / "gen").eval()
     assert isinstance(loaded, TextGPT) and loaded.config == model.config
+    assert isinstance(GPT.from_pretrained(tmp_path / "gen"), TextGPT)  # the base class loads either kind
     assert torch.equal(loaded.null_features, model.null_features) and torch.equal(loaded.null_mask, model.null_mask)
     cond, tokens = captions([2, 3, 4], length=4), image_tokens(model)
     with torch.no_grad():

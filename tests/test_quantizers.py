@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical
 
+from gear.models.autoencoder import TokenizerConfig
 from gear.models.quantizers import (
+    QUANTIZERS,
     IndexBackpropQuantizer,
     LookupFreeQuantizer,
     VectorQuantizer,
@@ -15,8 +17,8 @@ from gear.models.quantizers import (
     entropy_loss,
     global_mean,
     indices_to_bits,
-    soft_assignment,
 )
+from gear.models.soft import soft_assignment
 
 
 
@@ -272,10 +274,22 @@ def test_bad_inputs_raise_clear_errors(family):
 
 
 def test_bad_settings_raise():
-    with pytest.raises(ValueError, match="temperature"):
-        soft_assignment(torch.zeros(2, 3), 0.0)
     with pytest.raises(ValueError, match="2 \\*\\* code_dim"):
         build_quantizer("lfq", 500, 9)
     with pytest.raises(ValueError, match="unknown quantizer"):
         build_quantizer("fsq", 512, 8)
     assert isinstance(build_quantizer("lfq", 512, 9), LookupFreeQuantizer)
+
+
+def test_each_family_checks_its_own_settings_for_the_config_too():
+    assert {name: cls.__name__ for name, cls in QUANTIZERS.items()} == {
+        "vq": "VectorQuantizer", "lfq": "LookupFreeQuantizer", "ibq": "IndexBackpropQuantizer"}
+    QUANTIZERS["vq"].check_settings(500, 9, 0.25, 0.05, 0.01)  # any codebook size
+    with pytest.raises(ValueError, match="2 \\*\\* code_dim"):
+        QUANTIZERS["lfq"].check_settings(500, 9, 0.25, 0.05, 0.01)
+    with pytest.raises(ValueError, match="entropy_temperature"):
+        QUANTIZERS["ibq"].check_settings(512, 8, 0.25, 0.05, 0.0)
+    # The tokenizer config asks the family: LFQ's limit on code_dim fails there, before any model is built.
+    with pytest.raises(ValueError, match=r"\[1, 20\]"):
+        TokenizerConfig(quantizer="lfq", backbone="magvit2", codebook_size=2**21, codebook_dim=21, z_channels=21)
+    TokenizerConfig(quantizer="vq", codebook_size=500, codebook_dim=9)

@@ -7,9 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gear.align.repa import repa_loss
-from gear.models.gpt import GPT, GPTConfig, SparseSoft
-from gear.models.quantizers import soft_assignment
-from gear.train.steps import Modules, frozen, soft_tokens, tokenizer_terms
+from gear.models.gpt import GPT, GPTConfig
+from gear.models.soft import SparseSoft, soft_assignment, soft_tokens
+from gear.train.steps import Modules, frozen, tokenizer_terms
 from helpers import batch, step_cfg, tiny_modules
 
 GRID = 8

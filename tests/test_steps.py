@@ -81,7 +81,7 @@ def test_ntp_reaches_the_tokenizer_only_straight_through(modules, mode):
 
 
 def test_top_k_soft_assignment_is_exact_when_k_is_the_codebook(modules):
-    from gear.train.steps import soft_tokens
+    from gear.models.soft import soft_tokens
 
     d = torch.rand(6, 512)
     full = soft_tokens(d, 0.1, 0, 2)

@@ -31,7 +31,7 @@ BACKBONES = ("conv", "magvit2")
 class TokenizerConfig:
     """Defaults are LlamaGen VQ-16 (16384 x 8 cosine codebook, downsample 16)."""
 
-    quantizer: str = "vq"  # "vq" | "lfq" | "ibq"
+    quantizer: str = "vq"  # a family of gear.models.quantizers.QUANTIZERS: "vq" | "lfq" | "ibq"
     codebook_size: int = 16384
     codebook_dim: int = 8
     base_channels: int = 128
@@ -49,7 +49,7 @@ class TokenizerConfig:
     def __post_init__(self) -> None:
         self.channel_mult = tuple(self.channel_mult)
         if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+            raise ValueError(f"quantizer must be one of {tuple(QUANTIZERS)}, got {self.quantizer!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.backbone == "magvit2" and (self.z_channels != self.codebook_dim or self.dropout):
@@ -57,12 +57,8 @@ class TokenizerConfig:
                 "the magvit2 backbone has no quant convs and no dropout: it needs z_channels == codebook_dim and "
                 f"dropout 0, got z_channels={self.z_channels}, codebook_dim={self.codebook_dim}, dropout={self.dropout}"
             )
-        if self.codebook_size < 2 or self.codebook_dim < 1:
-            raise ValueError(f"need codebook_size >= 2 and codebook_dim >= 1, got {self.codebook_size}, {self.codebook_dim}")
-        if self.quantizer == "lfq" and self.codebook_size != 2**self.codebook_dim:
-            raise ValueError(
-                f"lfq needs codebook_size == 2 ** codebook_dim, got {self.codebook_size} and {self.codebook_dim}"
-            )
+        QUANTIZERS[self.quantizer].check_settings(self.codebook_size, self.codebook_dim, self.commitment_beta,
+                                                  self.entropy_ratio, self.entropy_temperature)
         if not self.channel_mult or any(not isinstance(m, int) or m < 1 for m in self.channel_mult):
             raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}")
         for name in ("base_channels", "num_res_blocks", "z_channels", "image_channels", "norm_groups"):
@@ -73,11 +69,6 @@ class TokenizerConfig:
             raise ValueError(f"feature widths {widths} must all be divisible by norm_groups={self.norm_groups}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.commitment_beta < 0 or self.entropy_ratio < 0 or self.entropy_temperature <= 0:
-            raise ValueError(
-                "need commitment_beta >= 0, entropy_ratio >= 0, entropy_temperature > 0; got "
-                f"{self.commitment_beta}, {self.entropy_ratio}, {self.entropy_temperature}"
-            )
 
     @property
     def downsample(self) -> int:

@@ -6,8 +6,9 @@ released LlamaGen class-to-image checkpoints, so their state dicts load with ``l
 
 Two additions for GEAR:
 - soft input: ``tokens`` may be a (B, T, vocab) assignment; its embedding is ``soft @ tok_embeddings.weight``,
-  so gradients reach whatever produced the assignment. A ``SparseSoft`` (the k largest weights of each
-  assignment and their indices) embeds to the same vectors without a (B, T, vocab) tensor or a vocab-sized matmul;
+  so gradients reach whatever produced the assignment. A ``SparseSoft`` (gear.models.soft: the k largest weights
+  of each assignment and their indices) embeds to the same vectors without a (B, T, vocab) tensor or a vocab-sized
+  matmul;
 - a tap: the output of block ``tap_layer`` is returned for alignment, and ``stop_at_tap`` skips the rest.
 """
 
@@ -16,20 +17,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from gear.models.generators import generator_class, register_generator
 from gear.models.pretrained import Pretrained, read_config
+from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache, generate
+from gear.models.soft import SparseSoft
 
-if TYPE_CHECKING:
-    from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache
-
-
-CONDITIONS = ("class", "text")
+CONDITIONS = ("class", "text")  # each has a generator class in gear.models.generators.GENERATORS
 
 
 @dataclass
@@ -94,26 +93,6 @@ class GPTConfig:
     @property
     def ffn_hidden(self) -> int:
         return find_multiple(int(2 * 4 * self.dim / 3), self.multiple_of)
-
-
-@dataclass(frozen=True)
-class SparseSoft:
-    """A soft assignment that is zero outside k codes per position: ``weights`` on the codes ``indices``.
-
-    Equal as AR input to the dense (B, T, vocab) assignment that holds ``weights`` at ``indices`` and zeros
-    elsewhere. Indexing slices the (B, T) dims of both, so ``soft[:, :-1]`` works as for a dense tensor.
-    """
-
-    indices: Tensor  # (B, T, k) int64
-    weights: Tensor  # (B, T, k) float
-
-    def __getitem__(self, key) -> SparseSoft:
-        return SparseSoft(self.indices[key], self.weights[key])
-
-    def to_dense(self, vocab_size: int) -> Tensor:
-        """The (B, T, vocab_size) assignment; duplicate indices add up, as in the embedding."""
-        dense = self.weights.new_zeros(*self.indices.shape[:-1], vocab_size)
-        return dense.scatter_add(-1, self.indices, self.weights)
 
 
 @dataclass
@@ -233,6 +212,7 @@ class LabelEmbedding(nn.Module):
         return self.embedding_table(labels).unsqueeze(1)  # (B, 1, dim)
 
 
+@register_generator("class")
 class GPT(nn.Module, Pretrained):
     config_class = GPTConfig
     kind = "generator"
@@ -264,7 +244,7 @@ class GPT(nn.Module, Pretrained):
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> nn.Module:
-        """A saved generator: a GPT, or a TextGPT when its config is text-conditioned."""
+        """A saved generator, as the class registered for its config's condition: a GPT, or a TextGPT."""
         config = read_config(directory, cls.kind, GPTConfig)
         return Pretrained.from_pretrained.__func__(generator_class(config), directory, map_location)
 
@@ -351,8 +331,6 @@ class GPT(nn.Module, Pretrained):
         on_token: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """Sample token grids (B, grid_size, grid_size) int64 for class labels (B,); see gear.models.sampling."""
-        from gear.models.sampling import generate
-
         return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         on_token=on_token)
 
@@ -435,17 +413,9 @@ GPT_PRESETS: dict[str, GPTConfig] = {
 }
 
 
-def generator_class(config: GPTConfig) -> type[nn.Module]:
-    """GPT for class conditioning, TextGPT (gear.models.gpt_t2i) for text conditioning."""
-    if config.condition == "text":
-        from gear.models.gpt_t2i import TextGPT
-
-        return TextGPT
-    return GPT
-
-
-def build_generator(preset: str, **overrides) -> GPT:
-    """A fresh GPT from a preset name, with config fields overridden by keyword."""
+def build_generator(preset: str, **overrides) -> nn.Module:
+    """A fresh generator from a preset name, with config fields overridden by keyword: a GPT, or the class
+    registered for the preset's condition (TextGPT for "gpt-t2i")."""
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown generator preset {preset!r}; valid presets: {sorted(GPT_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(GPTConfig)}

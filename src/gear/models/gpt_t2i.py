@@ -29,9 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from gear.models.gpt import GPT, FeedForward, GPTConfig, GPTOutput, RMSNorm, SparseSoft, apply_rope, rope_table
+from gear.models.generators import register_generator
+from gear.models.gpt import GPT, FeedForward, GPTConfig, GPTOutput, RMSNorm, apply_rope, rope_table
 from gear.models.pretrained import Pretrained
-from gear.models.sampling import KVCache, LayerKVCache, _check_args, decode
+from gear.models.sampling import KVCache, LayerKVCache, check_sampling_args, decode
+from gear.models.soft import SparseSoft
 
 
 class TextCondition(NamedTuple):
@@ -157,6 +159,7 @@ def num_dual_stream(cfg: GPTConfig) -> int:
     return max(1, round(cfg.n_layer / 3)) if cfg.dual_stream_layers < 0 else cfg.dual_stream_layers
 
 
+@register_generator("text")
 class TextGPT(nn.Module, Pretrained):
     config_class = GPTConfig
     kind = "generator"
@@ -304,7 +307,7 @@ class TextGPT(nn.Module, Pretrained):
         cfg = self.config
         device = self.tok_embeddings.weight.device
         self._check_condition(text, None)
-        _check_args(torch.zeros(len(text), dtype=torch.long), 1, temperature, top_k, top_p)
+        check_sampling_args(torch.zeros(len(text), dtype=torch.long), 1, temperature, top_k, top_p)
         text = text.to(device)
         generator = None
         if seed is not None:

@@ -13,14 +13,22 @@ encoder and the decoder (``decoder.up[0]`` is the last level the decoder runs).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from gear.models.autoencoder import TokenizerConfig
+
+class BackboneConfig(Protocol):
+    """The fields of a ``gear.models.autoencoder.TokenizerConfig`` that this backbone reads."""
+
+    image_channels: int
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    z_channels: int
+    norm_groups: int
 
 
 def _norm(channels: int, groups: int, affine: bool = True) -> nn.GroupNorm:
@@ -108,7 +116,7 @@ class _UpLevel(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, c: TokenizerConfig):
+    def __init__(self, c: BackboneConfig):
         super().__init__()
         widths = [c.base_channels * m for m in c.channel_mult]
         self.conv_in = nn.Conv2d(c.image_channels, c.base_channels, 3, padding=1, bias=False)
@@ -133,7 +141,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """z (B, z_channels, h, w) -> images; ``adaptive[i]`` re-normalizes the input of level i from z."""
 
-    def __init__(self, c: TokenizerConfig):
+    def __init__(self, c: BackboneConfig):
         super().__init__()
         widths = [c.base_channels * m for m in c.channel_mult]
         in_ch = widths[-1]

@@ -2,8 +2,11 @@
 
 Every quantizer maps a latent ``z`` of shape (B, C, h, w) to a ``QuantizerOutput``: the quantized
 latent, the hard indices, and ``d`` of shape (B*h*w, K) chosen so that ``softmax(-d / T)`` is the
-family's soft assignment over its K codes. GEAR feeds that soft assignment to the generator, so
-``d`` is differentiable with respect to ``z`` and (VQ, IBQ) the codebook.
+family's soft assignment over its K codes (``gear.models.soft``). GEAR feeds that soft assignment to the
+generator, so ``d`` is differentiable with respect to ``z`` and (VQ, IBQ) the codebook.
+
+``QUANTIZERS`` maps a family's name (``TokenizerConfig.quantizer``) to its ``Quantizer`` subclass; each family
+checks its own settings (``check_settings``), for the config and for its constructor alike.
 
 The quantizer math always runs in float32, even under autocast: nearest-code search and the
 entropy softmax at temperature 0.01 are too sensitive for bf16.
@@ -52,13 +55,6 @@ class _Assignment(NamedTuple):
     d: Tensor  # (N, K)
     codebook: Tensor  # scalar, as the family weights it
     commitment: Tensor  # scalar, as the family weights it
-
-
-def soft_assignment(d: Tensor, temperature: float) -> Tensor:
-    """``softmax(-d / temperature)`` over the codes (last dim)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return torch.softmax(-d / temperature, dim=-1)
 
 
 def global_mean(x: Tensor, dim: int = 0) -> Tensor:
@@ -128,25 +124,43 @@ def _full_precision(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
-class _Quantizer(nn.Module):
-    """Shared plumbing: input checks, (B, C, h, w) <-> (N, C) reshapes, the entropy term."""
+class Quantizer(nn.Module):
+    """Base of the quantizer families: input checks, (B, C, h, w) <-> (N, C) reshapes, the entropy term.
+
+    A family implements ``_codes`` and ``_quantize``, extends ``check_settings`` with its own constraints, and is
+    listed in ``QUANTIZERS``; ``build`` makes it from a tokenizer's settings (override it if the constructor
+    takes others).
+    """
 
     codebook_size: int
     code_dim: int
 
     def __init__(self, codebook_size: int, code_dim: int, beta: float, entropy_ratio: float, entropy_temperature: float):
         super().__init__()
-        if codebook_size < 2 or code_dim < 1:
-            raise ValueError(f"need codebook_size >= 2 and code_dim >= 1, got {codebook_size} and {code_dim}")
-        if beta < 0 or entropy_ratio < 0 or entropy_temperature <= 0:
-            raise ValueError(
-                f"need beta >= 0, entropy_ratio >= 0, entropy_temperature > 0; got {beta}, {entropy_ratio}, {entropy_temperature}"
-            )
+        self.check_settings(codebook_size, code_dim, beta, entropy_ratio, entropy_temperature)
         self.codebook_size = codebook_size
         self.code_dim = code_dim
         self.beta = beta
         self.entropy_ratio = entropy_ratio
         self.entropy_temperature = entropy_temperature
+
+    @classmethod
+    def check_settings(cls, codebook_size: int, code_dim: int, beta: float, entropy_ratio: float,
+                       entropy_temperature: float) -> None:
+        """Raise ValueError unless this family can be built with these settings (``TokenizerConfig`` calls it too)."""
+        if codebook_size < 2 or code_dim < 1:
+            raise ValueError(f"need codebook_size >= 2 and code_dim >= 1, got {codebook_size} and {code_dim}")
+        if beta < 0 or entropy_ratio < 0 or entropy_temperature <= 0:
+            raise ValueError(
+                "need beta (commitment_beta) >= 0, entropy_ratio >= 0, entropy_temperature > 0; "
+                f"got {beta}, {entropy_ratio}, {entropy_temperature}"
+            )
+
+    @classmethod
+    def build(cls, codebook_size: int, code_dim: int, beta: float = 0.25, entropy_ratio: float = 0.05,
+              entropy_temperature: float = 0.01) -> Quantizer:
+        """The family's quantizer from a tokenizer's settings."""
+        return cls(codebook_size, code_dim, beta, entropy_ratio, entropy_temperature)
 
     def forward(self, z: Tensor, with_entropy: bool = True) -> QuantizerOutput:
         """Quantize ``z``; ``with_entropy=False`` skips the entropy term, whose batch average is a collective
@@ -185,7 +199,7 @@ class _Quantizer(nn.Module):
         raise NotImplementedError
 
 
-class VectorQuantizer(_Quantizer):
+class VectorQuantizer(Quantizer):
     """Nearest code under cosine similarity: z and codes are L2-normalised, d = |z - e|^2 = 2 - 2 cos.
 
     ``codebook_used`` (65536 floats) exists only so that released VQ-16 checkpoints, which carry it, load
@@ -223,7 +237,7 @@ class VectorQuantizer(_Quantizer):
         return _Assignment(z + (hard - z).detach(), indices, d, codebook, commitment)
 
 
-class LookupFreeQuantizer(_Quantizer):
+class LookupFreeQuantizer(Quantizer):
     """Sign quantization: the implicit codebook is {-1, +1}^dim, a code's index is its bits.
 
     d = -2 <z, c> over all 2^dim codes, so softmax(-d / T) = softmax(2 <z, c> / T) and its argmax
@@ -237,11 +251,25 @@ class LookupFreeQuantizer(_Quantizer):
         entropy_ratio: float = 0.05,
         entropy_temperature: float = 0.01,
     ):
-        if not 1 <= code_dim <= 20:
-            raise ValueError(f"LFQ code_dim must be in [1, 20] (2^dim codes are materialised), got {code_dim}")
         super().__init__(2**code_dim, code_dim, beta, entropy_ratio, entropy_temperature)
         all_codes = indices_to_bits(torch.arange(2**code_dim), code_dim).float() * 2 - 1
         self.register_buffer("codes", all_codes, persistent=False)
+
+    @classmethod
+    def check_settings(cls, codebook_size: int, code_dim: int, beta: float, entropy_ratio: float,
+                       entropy_temperature: float) -> None:
+        if not 1 <= code_dim <= 20:
+            raise ValueError(f"LFQ code_dim must be in [1, 20] (2^dim codes are materialised), got {code_dim}")
+        if codebook_size != 2**code_dim:
+            raise ValueError(f"LFQ needs codebook_size == 2 ** code_dim (2 ** codebook_dim in a TokenizerConfig); "
+                             f"got codebook_size={codebook_size}, code_dim={code_dim}")
+        super().check_settings(codebook_size, code_dim, beta, entropy_ratio, entropy_temperature)
+
+    @classmethod
+    def build(cls, codebook_size: int, code_dim: int, beta: float = 0.25, entropy_ratio: float = 0.05,
+              entropy_temperature: float = 0.01) -> LookupFreeQuantizer:
+        cls.check_settings(codebook_size, code_dim, beta, entropy_ratio, entropy_temperature)
+        return cls(code_dim, beta, entropy_ratio, entropy_temperature)
 
     def _codes(self) -> Tensor:
         return self.codes
@@ -254,7 +282,7 @@ class LookupFreeQuantizer(_Quantizer):
         return _Assignment(flat + (hard - flat).detach(), indices, d, flat.new_zeros(()), commitment)
 
 
-class IndexBackpropQuantizer(_Quantizer):
+class IndexBackpropQuantizer(Quantizer):
     """Index backpropagation: logits <z, e_k>, hard argmax forward, softmax(logits) backward.
 
     z_q equals e[argmax] in value while its gradient flows through the soft assignment, so every
@@ -290,7 +318,11 @@ class IndexBackpropQuantizer(_Quantizer):
         return _Assignment(z_q, indices, -logits, codebook, commitment)
 
 
-QUANTIZERS = ("vq", "lfq", "ibq")
+QUANTIZERS: dict[str, type[Quantizer]] = {
+    "vq": VectorQuantizer,
+    "lfq": LookupFreeQuantizer,
+    "ibq": IndexBackpropQuantizer,
+}
 
 
 def build_quantizer(
@@ -300,14 +332,8 @@ def build_quantizer(
     beta: float = 0.25,
     entropy_ratio: float = 0.05,
     entropy_temperature: float = 0.01,
-) -> _Quantizer:
-    """Quantizer by family name; for "lfq" codebook_size must be 2 ** code_dim."""
-    if kind == "vq":
-        return VectorQuantizer(codebook_size, code_dim, beta, entropy_ratio, entropy_temperature)
-    if kind == "ibq":
-        return IndexBackpropQuantizer(codebook_size, code_dim, beta, entropy_ratio, entropy_temperature)
-    if kind == "lfq":
-        if codebook_size != 2**code_dim:
-            raise ValueError(f"LFQ needs codebook_size == 2 ** code_dim; got codebook_size={codebook_size}, code_dim={code_dim}")
-        return LookupFreeQuantizer(code_dim, beta, entropy_ratio, entropy_temperature)
-    raise ValueError(f"unknown quantizer {kind!r}; expected one of {QUANTIZERS}")
+) -> Quantizer:
+    """Quantizer by family name (a key of ``QUANTIZERS``); for "lfq" codebook_size must be 2 ** code_dim."""
+    if kind not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer {kind!r}; expected one of {tuple(QUANTIZERS)}")
+    return QUANTIZERS[kind].build(codebook_size, code_dim, beta, entropy_ratio, entropy_temperature)

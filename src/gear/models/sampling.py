@@ -9,13 +9,9 @@ With guidance (cfg_scale != 1) the batch is run twice as [cond; null] and the lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
-
-if TYPE_CHECKING:
-    from gear.models.gpt import GPT
+from torch import Tensor, nn
 
 
 class LayerKVCache:
@@ -85,7 +81,7 @@ class GraphedDecodeStep:
     off, as CUDA graphs require, so the bf16 casts of the weights are part of the replay.
     """
 
-    def __init__(self, model: GPT, x: Tensor, max_len: int):
+    def __init__(self, model: nn.Module, x: Tensor, max_len: int):
         self.cache = StaticKVCache(model.config.n_layer, max_len)
         self.x = x.clone()
         self.position = torch.zeros(1, dtype=torch.long, device=x.device)
@@ -139,7 +135,7 @@ def sample_logits(
 
 @torch.inference_mode()
 def generate(
-    model: GPT,
+    model: nn.Module,
     labels: Tensor,
     *,
     cfg_scale: float = 1.0,
@@ -150,7 +146,8 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     cuda_graph: bool | None = None,
 ) -> Tensor:
-    """Sample (B, grid_size, grid_size) int64 token grids for class labels (B,) in [0, num_classes].
+    """Sample (B, grid_size, grid_size) int64 token grids from a class-conditional GPT (gear.models.gpt) for class
+    labels (B,) in [0, num_classes].
 
     ``seed`` seeds a local generator on the model's device (the global RNG is not touched); without a
     seed the global RNG is used. ``on_token(done, total)`` is called after each position (progress bars). The
@@ -160,7 +157,7 @@ def generate(
     """
     cfg = model.config
     device = model.tok_embeddings.weight.device
-    _check_args(labels, cfg.num_classes, temperature, top_k, top_p)
+    check_sampling_args(labels, cfg.num_classes, temperature, top_k, top_p)
     labels = labels.to(device)
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
@@ -219,7 +216,7 @@ def decode(step: Callable[[Tensor, int], Tensor], x: Tensor, embed: Callable[[Te
             x = embed(torch.cat([nxt, nxt]) if guided else nxt).unsqueeze(1)
 
 
-def _check_args(labels: Tensor, num_classes: int, temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling_args(labels: Tensor, num_classes: int, temperature: float, top_k: int, top_p: float) -> None:
     if labels.dim() != 1 or labels.shape[0] == 0 or labels.dtype != torch.long:
         raise ValueError(f"labels must be a non-empty int64 tensor of shape (B,), got {tuple(labels.shape)} {labels.dtype}")
     if int(labels.min()) < 0 or int(labels.max()) > num_classes:

@@ -4,7 +4,8 @@
     theta_AR  <- theta_AR  - eta * grad( L_NTP + lambda_AR  * L_align(hard) )
 
 Each ``update_*`` function computes one loss and its gradient for one optimizer; ``gear_step`` composes them in
-the paper's order. The optimizers step together afterwards (``apply_all``), once the trainer has checked that
+the paper's order; the soft side of the tokenizer update (softmax(-d / T), its top-k and sparse forms) is
+``gear.models.soft``. The optimizers step together afterwards (``apply_all``), once the trainer has checked that
 every loss and gradient norm is finite: the updates read only this iteration's tokenizer output, so stepping
 them at the end gives the same numbers as stepping each right after its backward. Nothing here knows about
 logging or checkpoints; under DDP, modules used frozen are unwrapped (``unwrap``) so that only the update that
@@ -26,8 +27,7 @@ from gear.align.repa import repa_loss
 from gear.config import Config, OptimConfig
 from gear.losses.discriminator import hinge_d_loss, hinge_g_loss
 from gear.models.autoencoder import TokenizerOutput
-from gear.models.gpt import SparseSoft
-from gear.models.quantizers import soft_assignment
+from gear.models.soft import soft_statistics, soft_tokens
 
 
 @dataclass
@@ -156,25 +156,6 @@ def frozen(*modules: nn.Module | None, eval_mode: bool = True) -> Iterator[None]
                 p.requires_grad_(flag)
 
 
-def soft_tokens(d: Tensor, temperature: float, top_k: int, batch: int, sparse: bool = False) -> Tensor | SparseSoft:
-    """softmax(-d / T) of d (B*L, K) as (B, L, K); with 0 < top_k < K only the k nearest codes keep mass
-    (renormalized over them), returned as a (B, L, k) ``SparseSoft`` when ``sparse``, else scattered to (B, L, K).
-
-    The sparse form is what makes top-k cheap: its softmax runs over k codes, and the AR embeds it with a
-    k-row lookup per token instead of a (B*L, K) x (K, dim) matmul. d's gradient is then nonzero on k codes only.
-    """
-    K = d.shape[-1]
-    if not top_k or top_k >= K:
-        return soft_assignment(d, temperature).view(batch, -1, K)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    nearest, idx = torch.topk(d, top_k, dim=-1, largest=False, sorted=False)  # no negated (B*L, K) copy of d
-    probs = torch.softmax(nearest.float() / -temperature, dim=-1)
-    if sparse:
-        return SparseSoft(idx.view(batch, -1, top_k), probs.view(batch, -1, top_k))
-    return torch.zeros_like(d, dtype=probs.dtype).scatter(-1, idx, probs).view(batch, -1, K)
-
-
 def reconstruction_loss(m: Modules, cfg: StepConfig, images: Tensor, out: TokenizerOutput) -> dict[str, Tensor]:
     """L_VQ: L1 + perceptual + GAN generator term + the quantizer's codebook/commitment/entropy terms."""
     rec = out.reconstruction
@@ -225,11 +206,30 @@ def generator_terms(m: Modules, cfg: StepConfig, indices: Tensor, labels, target
     return terms
 
 
-def update_tokenizer(m: Modules, opt: Updater, cfg: StepConfig, images, labels, target, out) -> dict[str, Tensor]:
-    """theta_tok <- theta_tok - eta * grad(L_VQ + lambda_tok * L_align(soft))."""
+def shared_tokenizer_terms(m: Modules, cfg: StepConfig, images, out: TokenizerOutput,
+                           hard_point: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+    """``tokenizer_terms`` of ``align.soft_branch=shared`` (approximate), with the AR and projector frozen by the
+    caller. ``hard_point`` = (lambda_tok * L_align(hard), g), g its gradient w.r.t. the AR's input embedding at
+    the hard tokens (``hard_point_gradient``): the tokenizer gets <g, soft @ E_AR> to first order, with the value
+    lambda_tok * L_align(hard). No soft forward through the AR."""
+    align, grad = hard_point
+    soft = soft_tokens(out.quant.d, cfg.temperature, cfg.soft_top_k, images.shape[0], sparse=True)
+    terms = reconstruction_loss(m, cfg, images, out)
+    linear = (grad * unwrap(m.generator).embed_tokens(soft[:, :-1])).sum()
+    terms["align_tok"] = align.detach() + linear - linear.detach()
+    return terms
+
+
+def update_tokenizer(m: Modules, opt: Updater, cfg: StepConfig, images, labels, target, out,
+                     hard_point: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    """theta_tok <- theta_tok - eta * grad(L_VQ + lambda_tok * L_align(soft)); the soft branch to first order
+    around the hard tokens when ``hard_point`` is given (``shared_tokenizer_terms``)."""
     # Frozen through the backward as well: with activation checkpointing the AR blocks are re-run there.
     with frozen(unwrap(m.generator), unwrap(m.projector)):
-        terms = tokenizer_terms(m, cfg, images, labels, target, out)
+        if hard_point is None:
+            terms = tokenizer_terms(m, cfg, images, labels, target, out)
+        else:
+            terms = shared_tokenizer_terms(m, cfg, images, out, hard_point)
         loss = sum(terms.values())
         norm = opt.backward(loss)
     metrics = {f"tok/{k}": v.detach() for k, v in terms.items()}
@@ -291,38 +291,21 @@ def tokenizer_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images
 
 
 def gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target) -> StepResult:
-    """Stage 1, GEAR: one tokenizer forward, then tokenizer, discriminator and AR updates."""
+    """Stage 1, GEAR: one tokenizer forward, then tokenizer, discriminator and AR updates.
+
+    ``soft_branch``: "exact" runs the frozen AR on the soft tokens for the tokenizer update (the paper); "shared"
+    (approximate) runs the AR update's forward first, and its gradient at the hard tokens serves the tokenizer
+    update too (``hard_point_gradient``). The AR update itself is the same exact one in both."""
     out = m.tokenizer(images)                                                  # one tokenizer forward
+    ar_terms = hard_point = None
     if cfg.soft_branch == "shared":
-        return shared_gear_step(m, opts, cfg, images, labels, target, out)
-    metrics = update_tokenizer(m, opts["tokenizer"], cfg, images, labels, target, out)
+        ar_terms, align, grad = hard_point_gradient(m, cfg, out.quant.indices, labels, target)
+        hard_point = (align, grad)
+    metrics = update_tokenizer(m, opts["tokenizer"], cfg, images, labels, target, out, hard_point)
     if m.discriminator is not None and cfg.gan_active:
         metrics |= update_discriminator(m, opts["discriminator"], images, out.reconstruction)
-    metrics |= update_generator(m, opts["generator"], cfg, out.quant.indices, labels, target)
-    if cfg.soft_statistics:
-        metrics |= soft_statistics(out.quant.d.detach(), cfg.temperature)
-    return StepResult(metrics, out.quant.indices.detach())
-
-
-def shared_gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, images, labels, target,
-                     out: TokenizerOutput) -> StepResult:
-    """``align.soft_branch=shared`` (approximate): the AR update's forward on the hard tokens also gives the soft
-    branch its gradient. g = d(lambda_tok * L_align)/d(input embedding) at the hard tokens (AR in train mode, one
-    backward to the input, no weight gradients); the tokenizer then gets <g, soft @ E_AR> to first order, with the
-    value lambda_tok * L_align(hard). No soft forward through the AR; the AR update itself is the exact one."""
-    B = images.shape[0]
-    generator = unwrap(m.generator)
-    ar_terms, align, grad = hard_point_gradient(m, cfg, out.quant.indices, labels, target)
-    soft = soft_tokens(out.quant.d, cfg.temperature, cfg.soft_top_k, B, sparse=True)
-    with frozen(generator, unwrap(m.projector)):
-        terms = reconstruction_loss(m, cfg, images, out)
-        linear = (grad * generator.embed_tokens(soft[:, :-1])).sum()
-        terms["align_tok"] = align.detach() + linear - linear.detach()
-        loss = sum(terms.values())
-        metrics = _with_norm({f"tok/{k}": v.detach() for k, v in terms.items()} | {"tok/loss": loss.detach()},
-                             "grad_norm/tokenizer", opts["tokenizer"].backward(loss))
-    if m.discriminator is not None and cfg.gan_active:
-        metrics |= update_discriminator(m, opts["discriminator"], images, out.reconstruction)
+    if ar_terms is None:
+        ar_terms = generator_terms(m, cfg, out.quant.indices, labels, target)
     metrics |= _generator_update(opts["generator"], cfg, ar_terms)
     if cfg.soft_statistics:
         metrics |= soft_statistics(out.quant.d.detach(), cfg.temperature)
@@ -330,8 +313,9 @@ def shared_gear_step(m: Modules, opts: dict[str, Updater], cfg: StepConfig, imag
 
 
 def hard_point_gradient(m: Modules, cfg: StepConfig, indices: Tensor, labels, target):
-    """The AR update's terms, lambda_tok * L_align(hard) and its gradient w.r.t. the AR's input embedding (B, L-1, dim).
-    The AR graph is kept for the AR update's backward."""
+    """The AR update's terms, lambda_tok * L_align(hard) and its gradient w.r.t. the AR's input embedding (B, L-1, dim)
+    (AR in train mode, one backward to the input, no weight gradients). The AR graph is kept for the AR update's
+    backward."""
     embedded: list[Tensor] = []
     hook = unwrap(m.generator).tok_embeddings.register_forward_hook(lambda mod, args, output: embedded.append(output))
     try:
@@ -357,10 +341,3 @@ def ar_step_on_codes(m: Modules, opts: dict[str, Updater], cfg: StepConfig, code
 
 
 STEPS = {"tokenizer": tokenizer_step, "joint": gear_step, "ar": ar_step}
-
-
-def soft_statistics(d: Tensor, temperature: float) -> dict[str, Tensor]:
-    """Entropy and top-1 mass of the full softmax(-d / T) (before any top-k truncation of the soft branch)."""
-    logits = -d.float() / temperature
-    logp, p = torch.log_softmax(logits, dim=-1), torch.softmax(logits, dim=-1)  # softmax: see entropy_loss
-    return {"soft/entropy": -(p * logp).sum(-1).mean(), "soft/top1": p.max(-1).values.mean()}
