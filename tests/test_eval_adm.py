@@ -1,6 +1,7 @@
 """The ADM evaluator's protocol: each metric against a plain independent implementation on tiny inputs."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -143,7 +144,8 @@ def test_frechet_distance_matches_numpy_with_scipy_sqrtm(no_hub_weights):
     evaluator = ADMEvaluator()
     sa, sb = evaluator.compute_statistics(a), evaluator.compute_statistics(b)
     assert isinstance(sa, FeatureStats)
-    np.testing.assert_allclose(sa.mu, a.mean(0)) and np.testing.assert_allclose(sa.sigma, np.cov(a, rowvar=False))
+    np.testing.assert_allclose(sa.mu, a.mean(0))
+    np.testing.assert_allclose(sa.sigma, np.cov(a, rowvar=False))
     expected = scipy_fid(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert expected > 1.0
     np.testing.assert_allclose(sa.frechet_distance(sb), expected, rtol=1e-8)
@@ -303,7 +305,7 @@ def test_bad_files_get_one_line(tmp_path, capsys, no_hub_weights, make, message,
     assert main(["eval", "adm", str(samples), "--ref", str(ref), "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gear eval: error: ") and "\n" not in err and str(bad) in err
-    assert __import__("re").search(message, err), err
+    assert re.search(message, err), err
 
 
 def test_adm_needs_ref_and_its_flags_belong_to_adm(tmp_path, capsys):

@@ -98,7 +98,7 @@ def images_npz_shape(path: str | os.PathLike) -> tuple[int, int, int, int]:
     with _arr_0(path) as (path, stream):
         header = _npy_header(stream, path)
         if header is None:
-            with np.load(path, mmap_mode=None) as data:
+            with np.load(path) as data:
                 array = data["arr_0"]
                 shape, dtype = array.shape, array.dtype
         else:
