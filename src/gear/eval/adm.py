@@ -172,9 +172,11 @@ def resize_bilinear_tf1(images_nhwc: torch.Tensor, size: int = INPUT_SIZE) -> to
 def squared_distances_fp16(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Pairwise squared distances (len(u), len(v)) as the evaluator's ``DistanceBlock`` computes them.
 
-    ``|u|^2 - 2 u.v + |v|^2`` on float16 copies, every step rounded to float16 (sums and the matrix product
-    accumulate in float32 first, as GPU kernels do), clamped at 0; if any entry of the block is not finite
-    (float16 overflows above 65504), the whole block is recomputed in float32. Returned as float32.
+    ``|u|^2 - 2 u.v + |v|^2`` on float16 copies, every step rounded to float16, clamped at 0; if any entry of the
+    block is not finite (float16 overflows above 65504), the whole block is recomputed in float32. Returned as
+    float32. The matrix product accumulates in float32, as TF's float16 GEMM does by default; the squared norms
+    are summed in float32 and rounded once, where TF's GPU reduction adds float16 values in its own tree order,
+    so a norm (and the distances built on it) can differ from TF's by a float16 unit in the last place or two.
     """
     u16, v16 = u.to(torch.float16), v.to(torch.float16)
     norm_u = (u16 * u16).float().sum(1).half()[:, None]
