@@ -194,10 +194,11 @@ def squared_distances_fp16(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _full_float32():
     """Plain float32 matmuls and convolutions on CUDA (no TF32), as the TF graph computes them; the previous
     settings are restored afterwards."""
-    if hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cudnn.conv, "fp32_precision"):
-        settings, value = [(torch.backends.cuda.matmul, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision")], "ieee"
-    else:  # torch before 2.9
-        settings, value = [(torch.backends.cuda.matmul, "allow_tf32"), (torch.backends.cudnn, "allow_tf32")], False
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):
+        settings, value = [(matmul, "fp32_precision"), (cudnn.conv, "fp32_precision")], "ieee"
+    else:  # torch before 2.9: the legacy flags (the two APIs must not be mixed)
+        settings, value = [(matmul, "allow_tf32"), (cudnn, "allow_tf32")], False
     previous = [getattr(owner, name) for owner, name in settings]
     try:
         for owner, name in settings:

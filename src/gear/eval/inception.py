@@ -98,7 +98,9 @@ class FIDInception(nn.Module):
         branch (``conv``: 1x1 conv, batch norm, ReLU) is also run on its own to expose its output.
         """
         if pixels.ndim != 4 or pixels.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
-            raise ValueError(f"pool_and_spatial expects (N, 3, {INPUT_SIZE}, {INPUT_SIZE}) pixels, got {tuple(pixels.shape)}")
+            raise ValueError(
+                f"pool_and_spatial expects (N, 3, {INPUT_SIZE}, {INPUT_SIZE}) pixels, got {tuple(pixels.shape)}"
+            )
         device = next(self.net.parameters()).device
         x = (pixels.to(device, torch.float32) - 128.0) / 128.0
         spatial = None
