@@ -29,7 +29,8 @@ def argv(tmp_path_factory):
     return {
         "sample": [["sample", str(ar), "--out", str(root / "s.png")]],
         "reconstruct": [["reconstruct", str(tok), str(image), "--out", str(root / "rec")]],
-        "eval": [["eval", what, str(ar), "--num", "2"] for what in ("gen", "recon", "t2i")],
+        "eval": [*(["eval", what, str(ar), "--num", "2"] for what in ("gen", "recon", "t2i")),
+                 ["eval", "adm", str(root / "samples.npz"), "--ref", str(root / "ref.npz")]],
         "serve": [["serve", str(ar)]],
     }
 

@@ -1,4 +1,5 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | eval t2i | convert | serve.
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | eval t2i | eval adm | convert |
+serve.
 
 Errors end in one line on stderr, `gear CMD: error: ...`: exit status 2 when the input is wrong (arguments,
 config, files), 1 when the run failed on its own (it diverged, the disk is full); a run stopped by SIGTERM or
@@ -200,6 +201,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gear.eval import runs
     from gear.run import load_pair, read_run_config
 
+    if args.what == "adm":
+        return _eval_adm(args)
+    if args.ref is not None or args.inception_weights is not None:
+        raise ValueError("--ref and --inception-weights belong to `gear eval adm SAMPLES.npz --ref REF.npz`")
     data = read_run_config(args.run_dir).data
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.what == "t2i":
@@ -220,6 +225,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
         metrics = runs.reconstruction_metrics(tok, data, num=args.num, feature=args.feature, batch_size=args.batch_size,
                                               classifier=classifier, progress=True)
     print(runs.write_json({"run": str(args.run_dir), "what": args.what, **metrics}, args.out))
+
+
+def _eval_adm(args: argparse.Namespace) -> None:
+    """The ADM evaluator's gFID, sFID, IS and precision/recall of a sample .npz against a reference batch."""
+    from gear.eval.adm import ADMEvaluator
+    from gear.eval.runs import default_cache_dir, write_json
+
+    if args.ref is None:
+        raise ValueError("gear eval adm needs --ref REF.npz, the reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)")
+    evaluator = ADMEvaluator(device=args.device, inception_weights=args.inception_weights, batch_size=args.batch_size,
+                             progress=True)
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    metrics = evaluator.evaluate(args.run_dir, args.ref, cache_dir=cache)
+    print(write_json({"samples": str(args.run_dir), "ref": str(args.ref), "what": "adm", **vars(metrics)}, args.out))
 
 
 def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
@@ -346,9 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_reconstruct)
 
     s = sub.add_parser("eval", help="metrics of a run: gen (FID, precision/recall, class accuracy), recon (rFID, PSNR, "
-                       "SSIM) or t2i (text adherence of a captioned Fashion-MNIST run)")
-    s.add_argument("what", choices=["gen", "recon", "t2i"])
-    s.add_argument("run_dir")
+                       "SSIM) or t2i (text adherence of a captioned Fashion-MNIST run); adm: the ADM evaluator's "
+                       "gFID/sFID/IS/precision/recall of a sample .npz against --ref")
+    s.add_argument("what", choices=["gen", "recon", "t2i", "adm"])
+    s.add_argument("run_dir", help="the run directory; for adm, the samples .npz (uint8 NHWC under arr_0)")
     s.add_argument("--num", type=at_least(2), default=1000, help="samples / held-out images (Inception: ~4 images/s on 2 CPU cores)")
     s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale)
     s.add_argument("--feature", choices=["inception", "classifier"], default="inception",
@@ -358,8 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cfg-scales", default="1.0,3.0", help="t2i: guidance scales to measure (the last one is the headline)")
     s.add_argument("--ceiling", default=None, help="t2i: a class-conditional run whose class accuracy is the ceiling")
     s.add_argument("--npz", default=None, help="also write the samples as an ADM-evaluator .npz (uint8 NHWC, arr_0)")
-    s.add_argument("--cache-dir", default=None, help="where reference statistics and the classifier are cached "
-                   "(default $GEAR_CACHE or ~/.cache/gear)")
+    s.add_argument("--ref", default=None, help="adm: the reference batch .npz, e.g. VIRTUAL_imagenet256_labeled.npz")
+    s.add_argument("--inception-weights", default=None, help="adm: pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                   "(its fc.weight gives the Inception Score; default: looked up in $TORCH_HOME/hub/checkpoints)")
+    s.add_argument("--cache-dir", default=None, help="where reference statistics, the classifier and adm reference "
+                   "activations are cached (default $GEAR_CACHE or ~/.cache/gear)")
     s.add_argument("--live", action="store_true")
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default=None, help="write the metrics JSON here too")

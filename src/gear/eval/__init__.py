@@ -1,6 +1,7 @@
 """Evaluation: FID with the standard Inception, precision/recall, PSNR/SSIM, codebook statistics,
-a small reference classifier, and export for the ADM evaluator."""
+a small reference classifier, export for the ADM evaluator and its protocol (gFID, sFID, IS, precision/recall)."""
 
+from gear.eval.adm import ADMEvaluator, ADMMetrics
 from gear.eval.classifier import (
     Classifier,
     ClassifierConfig,
@@ -29,6 +30,8 @@ from gear.eval.inception import FIDInception
 from gear.eval.prdc import PrecisionRecall, precision_recall
 
 __all__ = [
+    "ADMEvaluator",
+    "ADMMetrics",
     "Classifier",
     "ClassifierConfig",
     "ClassifierFeatures",

