@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from gear.config import Config, save_config
@@ -29,14 +25,16 @@ from gear.train.bad_data import BadSampleLog
 from gear.train.batches import StepBatch, batch_stream
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, model_dir
 from gear.train.code_store import CodeStore
-from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_process, barrier, setup_distributed
+from gear.train.distributed import DistEnv, any_process, barrier, setup_distributed
 from gear.train.ema import EMA
 from gear.train.guard import Diverged, RunStopped, StepGuard, Verdict, first_non_finite_tensor
 from gear.train.preemption import StopSignals
 from gear.train.stage import (autocast, build_modules, build_optimizers, micro_batch, set_learning_rates, tap_layer,
                               trained_modules, uses_bf16)
-from gear.train.steps import STEPS, Modules, StepConfig, apply_all, ar_step_on_codes
+from gear.train.parallel import no_sync, shard_generator, wrap_for_processes
+from gear.train.steps import STEPS, StepConfig, apply_all, ar_step_on_codes
 from gear.train.targets import TeacherTargets
+from gear.train.window import LogWindow
 from gear.text.conditioner import TextConditioner
 
 
@@ -90,18 +88,16 @@ class Trainer:
         self.trained = trained_modules(self.stage, self.m)
         self.emas = {name: EMA(mod, cfg.train.ema_decay) for name, mod in self.trained.items() if name in ("tokenizer", "generator")}
         self.plain_generator: nn.Module | None = None  # under FSDP: rank 0's unsharded copy for grids and exports
-        if cfg.train.parallel == "fsdp" and self.env.distributed:
-            self._shard_generator()
+        if cfg.train.parallel == "fsdp" and self.env.distributed and self.m.generator is not None:
+            self.plain_generator = shard_generator(self.m, self.emas["generator"].module, self.env.is_main)
         micro_batch(cfg, self.env.world_size)  # the batch splits over processes and accumulation steps
         self.opts = build_optimizers(cfg, self.trained)  # after sharding: FSDP replaces the parameters by DTensors
-        self.wrapped = self._wrap_for_processes()
+        self.wrapped = wrap_for_processes(self.m, self.trained, self.device) if self.env.distributed else self.m
         self.step = 0
         self.targets = TeacherTargets(self.m.teacher, self.grid, self.device, cache=cfg.train.cache_teacher_features,
                                       store=self.code_store)
         self.fid_classifier = None  # the reference classifier of the small FID, loaded on first use
-        self.usage_counts = torch.zeros(self.m.tokenizer.codebook_size, dtype=torch.long, device=self.device)
-        self.batch_counts = torch.zeros_like(self.usage_counts)  # codes used by the last step's batch
-        self.window: dict[str, list[Tensor]] = {}  # the metrics of the steps since the last log
+        self.window = LogWindow(self.m.tokenizer.codebook_size, self.device)  # what the next log reports
         self.guard = StepGuard(cfg.train.max_bad_steps)
         self.bad_data = BadSampleLog(self.dataset, self.run_dir, self.env.is_main)
         self.saved_step: int | None = None  # the step of the latest checkpoint
@@ -111,39 +107,7 @@ class Trainer:
                 print(resumed.note, file=sys.stderr)
             self._load(resumed.payload)
 
-    # ------------------------------------------------------------------ set-up
-
-    def _shard_generator(self) -> None:
-        """train.parallel=fsdp: the generator, its EMA and the projector are sharded alike over all processes."""
-        gen = self.m.generator
-        if gen is None:
-            return
-        if self.env.is_main:
-            self.plain_generator = copy.deepcopy(self.emas["generator"].module)
-        for mod in (gen, self.emas["generator"].module):
-            sharding.shard(mod, mod.layers)
-        if self.m.projector is not None:
-            sharding.shard(self.m.projector)
-
-    def _wrap_for_processes(self) -> Modules:
-        """The modules the step functions call: DDP-wrapped where several processes train them (unless sharded)."""
-        if not self.env.distributed:
-            return self.m
-        ids = [self.device.index] if self.device.type == "cuda" else None
-
-        def wrap(mod: nn.Module) -> nn.Module:
-            return mod if sharding.is_sharded(mod) else DDP(mod, device_ids=ids, broadcast_buffers=False)
-
-        m = self.m
-        return Modules(
-            tokenizer=wrap(m.tokenizer) if "tokenizer" in self.trained else m.tokenizer,
-            teacher=m.teacher,
-            generator=wrap(m.generator) if m.generator is not None else None,
-            projector=wrap(m.projector) if m.projector is not None else None,
-            discriminator=m.discriminator,  # only used frozen (the GAN term of the tokenizer loss)
-            discriminator_loss=wrap(m.discriminator_loss) if m.discriminator_loss is not None else None,
-            perceptual=m.perceptual,
-        )
+    # ------------------------------------------------------------------ the loop
 
     def step_config(self) -> StepConfig:
         gen = self.m.generator
@@ -153,8 +117,6 @@ class Trainer:
                                       class_dropout=gen.config.class_dropout if gen is not None else 0.0,
                                       soft_statistics=logs)
 
-    # ------------------------------------------------------------------ the loop
-
     def fit(self) -> RunSummary:
         t = self.cfg.train
         self._write_config()
@@ -163,7 +125,6 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.env.is_main), dynamic_ncols=True,
                    desc=f"{self.stage}")
         start, last_metrics, stopped_by = time.time(), {}, ""
-        self.window = {}
         for module in self.trained.values():
             module.train()
         first_step = self.step
@@ -223,7 +184,7 @@ class Trainer:
         set_learning_rates(self.opts, self.cfg.optim, self.step)
         step_cfg = self.step_config()
         self.guard.snapshot(list(self.trained.values()))
-        batch_counts = torch.zeros_like(self.usage_counts)
+        batch_counts = torch.zeros_like(self.window.usage)
         step_metrics = []
         condition = self.text(samples.caption) if self.text is not None else samples.label  # labels or captions
         accum = t.grad_accum_steps
@@ -231,10 +192,10 @@ class Trainer:
         for micro, (images, labels, index) in enumerate(micro_batches):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with self._no_sync(last=micro == accum - 1), autocast(self.cfg, self.device):
+            with no_sync(self.wrapped, last=micro == accum - 1), autocast(self.cfg, self.device):
                 target = self.targets(images, index)
                 result = self.step_fn(self.wrapped, self.opts, step_cfg, images, labels, target)
-            batch_counts += torch.bincount(result.indices.flatten(), minlength=batch_counts.numel())
+            batch_counts += self.window.codes(result.indices)
             step_metrics.append(result.metrics)
         replaced = substitutions(requested, samples.index)
         stop = signals is not None and bool(signals.received)
@@ -245,7 +206,7 @@ class Trainer:
             self._skip(verdict)
         else:
             self._commit(batch_counts, step_metrics)
-        self.batch_counts = batch_counts
+        self.window.last_batch = batch_counts
         self.step += 1
         return verdict
 
@@ -263,12 +224,9 @@ class Trainer:
         """A finite iteration: the optimizers step, then the EMAs; its metrics join the logging window."""
         apply_all(self.opts)
         self.guard.passed()
-        self.usage_counts += batch_counts
         for name, ema in self.emas.items():
             ema.update(self.trained[name])
-        for metrics in step_metrics:
-            for k, v in metrics.items():
-                self.window.setdefault(k, []).append(v.float())
+        self.window.add(batch_counts, step_metrics)
 
     def _skip(self, verdict: Verdict) -> None:
         """A non-finite iteration: gradients dropped, buffers restored; too many in a row stop the run."""
@@ -291,17 +249,6 @@ class Trainer:
         """The learning rates of the step about to run (``stage.learning_rate``)."""
         set_learning_rates(self.opts, self.cfg.optim, self.step)
 
-    def _no_sync(self, last: bool):
-        """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on every micro-batch but the last of a step."""
-        stack = contextlib.ExitStack()
-        if not last:
-            for mod in vars(self.wrapped).values():
-                if isinstance(mod, DDP):
-                    stack.enter_context(mod.no_sync())
-                elif sharding.is_sharded(mod):
-                    stack.enter_context(sharding.no_gradient_sync(mod))
-        return stack
-
     # ------------------------------------------------------------------ logging and previews
 
     def _writer(self):
@@ -312,16 +259,8 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tb"))
 
     def _log(self, writer) -> dict[str, float]:
-        """The metrics of the window since the last log (averaged over steps and processes) and of the codebook."""
-        batch_counts = all_reduce_sum(self.batch_counts.clone())
-        window_counts = all_reduce_sum(self.usage_counts.clone())
-        self.usage_counts.zero_()
-        metrics = {k: all_reduce_mean(torch.stack(v).mean()).item() for k, v in self.window.items()}
-        self.window = {}
-        metrics["codebook/usage_batch"] = (batch_counts > 0).float().mean().item()
-        metrics["codebook/usage_window"] = (window_counts > 0).float().mean().item()
-        p = window_counts.float() / window_counts.sum().clamp_min(1)
-        metrics["codebook/perplexity"] = math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
+        """The metrics of the steps since the last log (every process takes part), written by rank 0."""
+        metrics = self.window.close()
         metrics["train/skipped_steps"] = float(self.guard.skipped)
         metrics["data/skipped_samples"] = float(self.bad_data.count)
         self._write_metrics(writer, metrics)
