@@ -53,59 +53,36 @@ PIECES = {
 
 
 def build_joint(spec: dict, seed: int):
-    """Modules, optimizers, step config and one batch, as the trainer builds them (API common to both versions)."""
+    """Modules, optimizers, step config and one batch, built by the version's own stage functions (as its trainer
+    builds them). Versions before ``gear.train.stage`` cannot be compared."""
     import torch
 
-    from gear.align.repa import Projector
     from gear.config import load_config
-    from gear.losses.discriminator import PatchGANDiscriminator
-    from gear.losses.perceptual import build_perceptual_loss
-    from gear.train import steps
-    from gear.train.build import generator_from_config, tokenizer_from_config
-    from gear.train.loop import tap_layer
+    try:
+        from gear.train import stage, steps
+    except ImportError:
+        raise SystemExit("ab_compare: this version predates gear.train.stage (the shared build of a stage); "
+                         "compare against a later ref") from None
 
     config = spec.get("config")
-    cfg = load_config(ROOT / config if config else None, [*spec["overrides"], "train.stage=joint"])
+    compiled = ["train.compile=true"] if os.environ.get("GEAR_AB_COMPILE") == "1" else []
+    cfg = load_config(ROOT / config if config else None, [*spec["overrides"], "train.stage=joint", *compiled])
     torch.manual_seed(seed)
-    tok = tokenizer_from_config(cfg)
-    gen = generator_from_config(cfg, tok, spec["num_classes"])
+    # target_dim: no teacher; a fixed random target of that width stands in for its features
+    m = stage.build_modules(cfg, spec["num_classes"], target_dim=spec["target_dim"])
     images, labels = first_images(cfg, spec["batch"], seed)
-    grid = cfg.data.image_size // tok.downsample
+    grid = cfg.data.image_size // m.tokenizer.downsample
     if spec["target_dim"]:
         target = torch.randn(spec["batch"], grid * grid, spec["target_dim"], generator=torch.Generator().manual_seed(seed))
     else:
-        from gear.align.teachers import build_teacher
-
-        with torch.no_grad():
-            target = build_teacher(cfg.align.teacher)(images, grid).float()
-    projector = Projector(gen.config.dim, target.shape[-1], cfg.align.projector_dim)
-    m = steps.Modules(tokenizer=tok, generator=gen, projector=projector)
-    if cfg.loss.perceptual_weight > 0:
-        m.perceptual = build_perceptual_loss(cfg.loss.perceptual)
-    if cfg.loss.gan_weight > 0:
-        m.discriminator = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers)
-        m.discriminator_loss = steps.DiscriminatorHinge(m.discriminator)
-    o = cfg.optim
-    groups = {"tokenizer": [tok], "generator": [gen, projector], "discriminator": [m.discriminator]}
-    opts = {}
-    for name, mods in groups.items():
-        params = [p for mod in mods if mod is not None for p in mod.parameters()]
-        if params:
-            lr = o.disc_lr if name == "discriminator" else o.lr
-            if hasattr(steps, "adamw"):  # the version's own optimizer choice, as its trainer makes it
-                optim = steps.adamw(params, lr, o)
-            else:
-                optim = torch.optim.AdamW(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-            opts[name] = steps.Updater(optim, params, o.grad_clip)
-    for mod in (tok, gen, projector, m.discriminator):
-        if mod is not None:
-            mod.train()
-    if os.environ.get("GEAR_AB_COMPILE") == "1":  # as the trainer does under train.compile=true
-        for mod in (tok, gen, m.discriminator):
-            if mod is not None:
-                mod.compile()
-    step_cfg = steps.StepConfig.from_config(cfg, tap_layer=tap_layer(cfg, gen.config.n_layer),
-                                            class_dropout=gen.config.class_dropout, soft_statistics=False)
+        with torch.no_grad():  # computed once, as the demo caches them
+            target = m.teacher(images, grid).float()
+    trained = stage.trained_modules("joint", m)
+    opts = stage.build_optimizers(cfg, trained)
+    for mod in trained.values():
+        mod.train()
+    step_cfg = steps.StepConfig.from_config(cfg, tap_layer=stage.tap_layer(cfg, m.generator.config.n_layer),
+                                            class_dropout=m.generator.config.class_dropout, soft_statistics=False)
     return m, opts, step_cfg, images, labels, target
 
 
@@ -142,8 +119,7 @@ def worker(piece: str, seed: int) -> None:
             nonlocal first
             torch.manual_seed(seed * 1000 + calls)  # dropout masks from the call count, as the trainer's from the step
             result = steps.gear_step(m, opts, step_cfg, images, labels, target)
-            if hasattr(steps, "apply_all"):  # versions that step the optimizers once the iteration is checked
-                steps.apply_all(opts)
+            steps.apply_all(opts)
             if not first:
                 first = {k: float(v) for k, v in result.metrics.items()}
 

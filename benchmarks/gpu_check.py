@@ -138,7 +138,7 @@ def check_sampling(args, lines: list[str]) -> None:
 def check_fsdp(args, preset, lines: list[str]) -> None:
     import torch.distributed as dist
 
-    from gear.train import sharding, steps
+    from gear.train import sharding, stage, steps
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,10 +149,8 @@ def check_fsdp(args, preset, lines: list[str]) -> None:
         b = build(args, preset)
         sharding.shard(b.m.generator, b.m.generator.layers)
         sharding.shard(b.m.projector)
-        o = b.cfg.optim
-        for name, mods in {"generator": [b.m.generator, b.m.projector]}.items():
-            params = [p for mod in mods for p in mod.parameters()]
-            b.opts[name] = steps.Updater(steps.adamw(params, o.lr, o), params, o.grad_clip)
+        # after sharding, as the trainer builds them: FSDP replaced the parameters by DTensors
+        b.opts["generator"] = stage.build_optimizers(b.cfg, {"generator": b.m.generator, "projector": b.m.projector})["generator"]
         times = []
         for _ in range(2):  # the first call gathers and allocates
             t0 = time.perf_counter()

@@ -34,7 +34,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -43,17 +42,11 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from gear.align.repa import Projector
-from gear.align.teachers import build_teacher
 from gear.config import Config, load_config
-from gear.losses.discriminator import PatchGANDiscriminator
-from gear.losses.perceptual import build_perceptual_loss
 from gear.models.autoencoder import TokenizerOutput
 from gear.models.quantizers import QuantizerLosses
 from gear.models.sampling import generate, sample_logits
-from gear.train import steps
-from gear.train.build import generator_from_config, tokenizer_from_config
-from gear.train.loop import tap_layer
+from gear.train import stage, steps
 from gear.train.steps import Modules, StepConfig, Updater, apply_all, ar_step, gear_step, tokenizer_terms, update_tokenizer
 
 
@@ -111,53 +104,39 @@ class Bench:
     labels: Tensor
     target: Tensor
     device: torch.device
-    autocast: Callable[[], object]
+    bf16: bool          # the steps run under bf16 autocast (train.precision, as the trainer decides it)
+
+    def autocast(self):
+        return stage.autocast(self.cfg, self.device)
 
 
 def build(args: argparse.Namespace, preset: BenchPreset) -> Bench:
+    """The joint stage's modules and optimizers, built by the trainer's own functions (``gear.train.stage``)."""
     device = torch.device(args.device)
-    cfg = load_config(None, [*preset.overrides, "train.stage=joint", *args.set])
+    cfg = load_config(None, [*preset.overrides, "train.stage=joint", *(["train.compile=true"] if args.compile else []),
+                             *args.set])
     torch.manual_seed(args.seed)
-    tokenizer = tokenizer_from_config(cfg).to(device)
-    generator = generator_from_config(cfg, tokenizer, preset.num_classes).to(device)
+    # preset.teacher_dim: no teacher; a fixed random target of that width stands in for its features
+    m = stage.build_modules(cfg, preset.num_classes, device, target_dim=preset.teacher_dim)
+    if m.projector is None:
+        raise ValueError("the benchmark times the soft branch: keep align.lambda_tok and align.lambda_ar > 0")
     batch = args.batch or preset.batch
     images, labels = benchmark_batch(cfg, preset, batch, device, args.seed)
+    grid = cfg.data.image_size // m.tokenizer.downsample
     if preset.teacher_dim:
-        teacher = None
-        grid = cfg.data.image_size // tokenizer.downsample
         g = torch.Generator().manual_seed(args.seed)
         target = torch.randn(batch, grid * grid, preset.teacher_dim, generator=g).to(device)
-        teacher_dim = preset.teacher_dim
     else:
-        teacher = build_teacher(cfg.align.teacher, path=cfg.align.teacher_path or None).to(device)
-        teacher_dim = teacher.feature_dim
         with torch.no_grad():
-            target = teacher(images, cfg.data.image_size // tokenizer.downsample).float()
-    projector = Projector(generator.config.dim, teacher_dim, cfg.align.projector_dim).to(device)
-    perceptual = None
-    if cfg.loss.perceptual_weight > 0:
-        perceptual = build_perceptual_loss(cfg.loss.perceptual).to(device)
-    disc = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers).to(device)
-    m = Modules(tokenizer=tokenizer, teacher=teacher, generator=generator, projector=projector,
-                discriminator=disc, discriminator_loss=steps.DiscriminatorHinge(disc), perceptual=perceptual)
-    if args.compile:
-        for mod in (tokenizer, generator, disc):
-            mod.compile()
-    o = cfg.optim
-    groups = {"tokenizer": [tokenizer], "generator": [generator, projector], "discriminator": [disc]}
-    opts = {}
-    for name, mods in groups.items():
-        params = [p for mod in mods for p in mod.parameters()]
-        lr = o.disc_lr if name == "discriminator" else o.lr  # as the trainer builds them
-        opts[name] = Updater(steps.adamw(params, lr, o), params, o.grad_clip)
-    for mod in (tokenizer, generator, projector, disc):
+            target = m.teacher(images, grid).float()
+    trained = stage.trained_modules("joint", m)
+    opts = stage.build_optimizers(cfg, trained)
+    for mod in trained.values():
         mod.train()
-    step_cfg = StepConfig.from_config(cfg, tap_layer=tap_layer(cfg, generator.config.n_layer),
-                                      class_dropout=generator.config.class_dropout,
+    step_cfg = StepConfig.from_config(cfg, tap_layer=stage.tap_layer(cfg, m.generator.config.n_layer),
+                                      class_dropout=m.generator.config.class_dropout,
                                       soft_statistics=False)  # a step the trainer does not log
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    return Bench(cfg, m, opts, step_cfg, images, labels, target, device, autocast)
+    return Bench(cfg, m, opts, step_cfg, images, labels, target, device, stage.uses_bf16(cfg, device))
 
 
 def benchmark_batch(cfg: Config, preset: BenchPreset, batch: int, device: torch.device, seed: int):
@@ -399,17 +378,14 @@ def grad_cosines(b: Bench, m: Modules, temperatures: tuple[float, ...], ks: tupl
 def modules_with_tokenizer(b: Bench, path: str, num_classes: int) -> Modules:
     """A saved (trained) tokenizer with a fresh AR and projector of the benchmark's sizes."""
     from gear.models.autoencoder import Tokenizer
-    from gear.models.gpt import build_generator
     from gear.run import TOKENIZER_DIR, model_dir
 
     torch.manual_seed(0)
-    tok = Tokenizer.from_pretrained(model_dir(path, TOKENIZER_DIR)).to(b.device)
+    tok = Tokenizer.from_pretrained(model_dir(path, TOKENIZER_DIR))
     if b.cfg.data.image_size % tok.downsample or tok.config.image_channels != b.images.shape[1]:
         raise ValueError(f"{path}: its tokenizer does not fit {b.cfg.data.image_size} px RGB images")
-    gen = build_generator(b.cfg.model.generator, vocab_size=tok.codebook_size, grid_size=b.cfg.data.image_size // tok.downsample,
-                          num_classes=num_classes).to(b.device)
-    projector = Projector(gen.config.dim, b.target.shape[-1], b.cfg.align.projector_dim).to(b.device)
-    return Modules(tokenizer=tok.train(), generator=gen, projector=projector)
+    m = stage.build_modules(b.cfg, num_classes, b.device, tokenizer=tok, target_dim=b.target.shape[-1])
+    return Modules(tokenizer=m.tokenizer.train(), generator=m.generator, projector=m.projector)
 
 
 def soft_mass(d: Tensor, temperature: float, ks: tuple[int, ...]) -> dict[int, float]:
@@ -453,7 +429,7 @@ def report(args, preset: BenchPreset, b: Bench, times, flops, peak, sampling, co
         f"- config ({args.preset}): {t.quantizer} K={t.codebook_size} x {t.codebook_dim}, {b.cfg.data.image_size} px, "
         f"{g.grid_size}x{g.grid_size} tokens, AR dim {g.dim} x {g.n_layer} layers (tap {b.step_cfg.tap_layer}), "
         f"projector {b.cfg.align.projector_dim} -> {b.target.shape[-1]}, batch {b.images.shape[0]}, "
-        f"T={b.step_cfg.temperature}, precision {'bf16' if b.autocast is not nullcontext else 'fp32'}"
+        f"T={b.step_cfg.temperature}, precision {'bf16' if b.bf16 else 'fp32'}"
         f"{', compiled' if args.compile else ''}",
         f"- why this config: {preset.why}",
         f"- timing: {args.rounds} interleaved rounds after one warm-up call each; medians; ratios are to `frozen`",
@@ -586,7 +562,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in cosines[what]:
                 print(f"grad cos K={K} T={r['T']} k={r['k']}: all {r['all']:.4f} (mass {r['mass']:.3f})", flush=True)
     # fp32 always; bf16 too when the steps run under bf16 autocast (CUDA)
-    peak_dtypes = [torch.float32] + ([torch.bfloat16] if b.autocast is not nullcontext else [])
+    peak_dtypes = [torch.float32] + ([torch.bfloat16] if b.bf16 else [])
     peak_n = 8192 if b.device.type == "cuda" else 2048
     peaks = {dt: matmul_peak(b.device, dt, peak_n) for dt in peak_dtypes}
     times, flops = {}, {}

@@ -258,6 +258,7 @@ def extract_for_config(cfg, batch_size: int = 256) -> Extracted:
     from gear.align.teachers import build_teacher
     from gear.data import build_dataset
     from gear.train.build import tokenizer_from_config
+    from gear.train.stage import uses_bf16
 
     if cfg.train.stage != "ar":
         raise ValueError(f"gear extract reads the config of an ar stage (train.stage=ar), got train.stage={cfg.train.stage}")
@@ -267,7 +268,7 @@ def extract_for_config(cfg, batch_size: int = 256) -> Extracted:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     want = cfg.train.device
     device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")  # as the ar stage
+    bf16 = uses_bf16(cfg, device)  # as the ar stage encodes
     dataset = build_dataset(cfg.data, "train", seed=cfg.train.seed)
     teacher = build_teacher(cfg.align.teacher, path=cfg.align.teacher_path or None) if cfg.align.lambda_ar > 0 else None
     return extract(cfg.data.code_store, dataset, cfg.data, tokenizer_from_config(cfg), teacher, batch_size, device, bf16)

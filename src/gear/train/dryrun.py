@@ -6,19 +6,17 @@ forward pass on meta tensors with hooks that add up every module's output.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gear.align.repa import Projector
 from gear.config import Config
-from gear.losses.discriminator import PatchGANDiscriminator
-from gear.models.autoencoder import build_tokenizer
-from gear.models.gpt import build_generator
 from gear.models.gpt_t2i import TextCondition
 from gear.text.encoders import encoder_dim
+from gear.train.stage import build_modules, micro_batch, needs_alignment, trained_modules, uses_bf16
 
 GiB = 2**30
 VIT_B_DIM = 768  # DINOv2 ViT-B/14 patch tokens; its weights are only on the user's disk
@@ -67,36 +65,26 @@ def _activation_bytes(module: nn.Module, *inputs, bytes_per_value: int) -> int:
 
 def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.train.batch_size % world:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by {world} processes")
-    local = cfg.train.batch_size // world
-    if local % cfg.train.grad_accum_steps:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must split evenly over {world} processes x "
-                         f"train.grad_accum_steps={cfg.train.grad_accum_steps}")
-    micro = local // cfg.train.grad_accum_steps  # what one forward holds activations for
+    micro = micro_batch(cfg, world)  # what one forward holds activations for
     stage = cfg.train.stage
     num_classes = cfg.model.generator_overrides.get("num_classes", 10 if cfg.data.name == "fashion-mnist" else 1000)
-    uses_align = cfg.align.lambda_ar > 0 or (stage == "joint" and cfg.align.lambda_tok > 0)
-    teacher_dim = _teacher_dim(cfg) if stage in ("joint", "ar") and uses_align else 0
+    # the stage's modules from their presets: no saved weights are read, nothing is compiled or wrapped
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer_init="", generator_init=""),
+                              train=dataclasses.replace(cfg.train, compile=False, grad_checkpointing=False))
+    teacher_dim = _teacher_dim(cfg) if needs_alignment(cfg) else 0
     with torch.device("meta"):
-        tok = build_tokenizer(cfg.model.tokenizer, **cfg.model.tokenizer_overrides)
+        null = None
+        if cfg.text.encoder:  # sized from the encoder's config alone: nothing is loaded
+            dim = encoder_dim(cfg.text.encoder, cfg.text.encoder_path)
+            null = TextCondition(torch.zeros(1, cfg.text.max_length, dim), torch.ones(1, cfg.text.max_length, dtype=torch.bool))
+        m = build_modules(cfg, num_classes, "meta", null=null, target_dim=teacher_dim, perceptual=False)
+        tok = m.tokenizer
         grid = cfg.data.image_size // tok.downsample
-        modules: dict[str, nn.Module | None] = {"tokenizer": tok, "generator": None, "projector": None, "discriminator": None}
-        if stage in ("joint", "ar"):
-            overrides = {**cfg.model.generator_overrides, "vocab_size": tok.codebook_size, "grid_size": grid,
-                         "num_classes": num_classes}
-            if cfg.text.encoder:  # sized from the encoder's config alone: nothing is loaded
-                overrides |= {"condition": "text", "text_dim": encoder_dim(cfg.text.encoder, cfg.text.encoder_path),
-                              "text_len": cfg.text.max_length}
-            gen = build_generator(cfg.model.generator, **overrides)
-            modules["generator"] = gen
-            if uses_align:
-                modules["projector"] = Projector(gen.config.dim, teacher_dim, cfg.align.projector_dim)
-        if stage in ("tokenizer", "joint") and cfg.loss.gan_weight > 0:
-            modules["discriminator"] = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers)
+        modules: dict[str, nn.Module | None] = {"tokenizer": tok, "generator": m.generator, "projector": m.projector,
+                                                "discriminator": m.discriminator}
 
-        bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.train.device != "cpu")
-        act = 2 if bf16 else 4
+        # memory per GPU: train.device=auto estimates a CUDA run
+        act = 2 if uses_bf16(cfg, "cpu" if cfg.train.device == "cpu" else "cuda") else 4
         images = torch.empty(micro, 3, cfg.data.image_size, cfg.data.image_size)
         activations = {}
         if stage in ("tokenizer", "joint"):
@@ -109,7 +97,7 @@ def dry_run(cfg: Config, world_size: int | None = None) -> DryRun:
                 labels = TextCondition(torch.zeros(micro, c.text_len, c.text_dim), torch.ones(micro, c.text_len, dtype=torch.bool))
             activations["generator"] = _activation_bytes(modules["generator"], tokens, labels, bytes_per_value=act)
 
-    trained = {k: _count(m) for k, m in modules.items() if m is not None and not (k == "tokenizer" and stage == "ar")}
+    trained = {k: _count(mod) for k, mod in trained_modules(stage, m).items()}
     fsdp = cfg.train.parallel == "fsdp" and world > 1
     # FSDP keeps 1/world of the generator's and projector's state on each GPU (see gear.train.sharding)
     share = {k: (1 / world if fsdp and k in ("generator", "projector") else 1.0) for k in trained}
