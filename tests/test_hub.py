@@ -121,12 +121,14 @@ def test_convert_takes_a_hub_file_and_writes_a_model_card(offline_cache, tmp_pat
 
 
 def test_a_model_card_names_the_preset_and_the_stage(tmp_path):
-    gear.build_generator("gpt-tiny").save_pretrained(
-        tmp_path / "gen", ModelOrigin(stage="joint", step=250, run_config={"train": {"stage": "joint", "steps": 250}}))
+    gen = gear.build_generator("gpt-tiny")
+    gen.save_pretrained(
+        tmp_path / "gen", ModelOrigin(stage="joint", step=250, weights="EMA", run_config={"train": {"stage": "joint", "steps": 250}}))
     card = (tmp_path / "gen" / "README.md").read_text()
     assert "- class-conditional" in card and "- stage-joint" in card
-    assert "preset: gpt-tiny" in card and "training stage: joint, step 250" in card
+    assert "preset: gpt-tiny" in card and "training stage: joint, step 250, EMA weights" in card
     assert "## Training config" in card and "steps: 250" in card
+    assert f"parameters: {sum(p.numel() for p in gen.parameters()):,}" in card
 
 
 def test_offline_and_uncached_is_one_line_with_the_fetch_command(offline_cache, capsys):

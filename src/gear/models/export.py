@@ -130,7 +130,7 @@ def _check_anchor_tokenizer(config: TokenizerConfig, layout: str) -> None:
 def _check_anchor_generator(config: GPTConfig, layout: str) -> None:
     if config.condition != "class":
         raise ValueError(f"{layout}'s c2i layout holds class-conditional generators; this one is "
-                         f"{config.condition}-conditioned")
+                         f"{config.condition}-conditioned (export the run's tokenizer/ folder alone)")
 
 
 def llamagen_tokenizer_state(tok: Tokenizer) -> dict[str, Tensor]:

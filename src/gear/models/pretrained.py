@@ -39,6 +39,7 @@ class ModelOrigin:
 
     stage: str | None = None            # the training stage that produced it: tokenizer | joint | ar | t2i ...
     step: int | None = None
+    weights: str | None = None          # which weight set of the run: "EMA" or "live"
     run_config: dict | None = None      # the run's whole config, as plain data (dataclasses.asdict)
     converted_from: str | None = None   # a released file and how it was read (gear convert)
 
@@ -59,7 +60,7 @@ class Pretrained:
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"kind": self.kind, "config": dataclasses.asdict(self.config)}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        card = model_card(self.kind, self.config, sum(v.numel() for v in state.values()), origin)
+        card = model_card(self.kind, self.config, sum(p.numel() for p in self.parameters()), origin)
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p))
         atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(card, encoding="utf-8"))
@@ -143,7 +144,8 @@ def model_card(kind: str, config: Any, num_params: int, origin: ModelOrigin | No
                          pipeline_tag=pipeline)
     facts = [f"- kind: {kind}", f"- preset: {preset or 'custom (see config.json)'}", f"- parameters: {num_params:,}"]
     if stage:
-        facts.append(f"- training stage: {stage}" + (f", step {origin.step}" if origin.step is not None else ""))
+        facts.append(f"- training stage: {stage}" + (f", step {origin.step}" if origin.step is not None else "")
+                     + (f", {origin.weights} weights" if origin.weights else ""))
     if origin.converted_from:
         facts.append(f"- converted from: {origin.converted_from}")
     where = '"hf://OWNER/REPO")  # or the path of this directory; hf://OWNER/REPO@REVISION for a revision'
