@@ -1,4 +1,4 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen | eval recon | eval t2i | eval adm | convert |
+"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen|recon|t2i|adm | convert | export |
 serve.
 
 Errors end in one line on stderr, `gear CMD: error: ...`: exit status 2 when the input is wrong (arguments,
@@ -264,9 +264,10 @@ def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
+    from gear.hub import resolve
     from gear.models.autoencoder import TOKENIZER_PRESETS, TokenizerConfig
     from gear.models.gpt import GPT_PRESETS, GPTConfig
-    from gear.models.pretrained import CONFIG_NAME
+    from gear.models.pretrained import CONFIG_NAME, ModelOrigin
     from gear.models.released import RELEASED_SUFFIXES, is_released_file, released_generator, released_tokenizer
 
     if args.preset in TOKENIZER_PRESETS:
@@ -280,10 +281,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if (out / CONFIG_NAME).exists():
         raise ValueError(f"{out} already holds a saved model; pass another --out or remove it first")
-    model, weights = load(args.src, args.preset, ema=not args.live, **_config_overrides(args.overrides, config_class))
-    model.save_pretrained(out)
+    overrides = _config_overrides(args.overrides, config_class)
+    model, weights = load(resolve(args.src), args.preset, ema=not args.live, **overrides)
+    model.save_pretrained(out, ModelOrigin(converted_from=f"{args.src} ({weights.describe()})"))
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: {model.kind} {args.preset} ({n:,} parameters) from {args.src}: {weights.describe()}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from gear.models.export import export
+
+    print(export(args.src, args.format, args.out, live=args.live).describe())
 
 
 def _config_overrides(items: list[str], config_class: type) -> dict:
@@ -389,12 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("convert", help="a released checkpoint file -> a model directory (config.json + model.safetensors)")
-    s.add_argument("src", help="a .pt / .pth / .ckpt / .bin / .safetensors file (see README: released files)")
+    s.add_argument("src", help="a .pt / .pth / .ckpt / .bin / .safetensors file, or hf://OWNER/REPO/FILE on the Hub "
+                   "(see README: released files)")
     s.add_argument("overrides", nargs="*", help="config overrides of the preset, e.g. grid_size=24 for a 384 px GPT")
     s.add_argument("--preset", required=True, help="the file's architecture (see `gear presets`)")
     s.add_argument("--out", required=True, help="directory to write; use RUN/tokenizer and RUN/generator for `gear sample RUN`")
     s.add_argument("--live", action="store_true", help="the live weights instead of the EMA copy the file may hold")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("export", help="a model or run directory -> LlamaGen's or GEAR's checkpoint layout, for their "
+                       "own sampling and evaluation scripts")
+    s.add_argument("src", help="a model directory, a run directory, or hf://OWNER/REPO[/FOLDER]")
+    s.add_argument("--format", required=True, choices=["llamagen", "gear"],
+                   help="llamagen: --out is a directory for tokenizer.pt (as vq_ds16_c2i.pt, VQ only) and/or "
+                   "generator.pt (as c2i_*.pt); gear: --out is one file as GEAR's train_gear.py checkpoints")
+    s.add_argument("--out", required=True)
+    s.add_argument("--live", action="store_true", help="llamagen, run directory: the live weights instead of the EMA")
+    s.set_defaults(func=cmd_export)
 
     from gear.serve import DEFAULT_HOST, DEFAULT_PORT
 

@@ -14,7 +14,10 @@ Layouts (``module.`` / ``_orig_mod.`` key prefixes, left by DDP and torch.compil
 Renaming: IBQ files use taming's names (``encoder.down.{i}.block.{j}``, ``encoder.mid.block_1``,
 ``decoder.up.{i}`` counted from the highest resolution), which map onto the conv backbone's LlamaGen
 names (``encoder.conv_blocks.{i}.res.{j}``, ``encoder.mid.0``, ``decoder.conv_blocks.{levels-1-i}``).
-Open-MAGVIT2 and LlamaGen names are this project's own.
+Open-MAGVIT2 and LlamaGen names are this project's own; ``conv_to_taming`` is the way back (gear.models.export).
+
+A file may be named by a Hub reference (``hf://BinLin203/GEAR-VQ/gear-vq.pt``; gear.hub), fetched into the
+Hugging Face cache; nothing is fetched for a local path.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from gear.files import load_tensors
+from gear.hub import resolve
 from gear.models.autoencoder import Tokenizer, build_tokenizer
 from gear.models.gpt import GPT, build_generator
 
@@ -69,8 +73,9 @@ def is_released_file(path: str | Path) -> bool:
 
 
 def read_checkpoint(path: str | Path) -> Any:
-    """The file's content: safetensors directly, anything else with ``torch.load(weights_only=True)``."""
-    path = Path(path)
+    """The file's content: safetensors directly, anything else with ``torch.load(weights_only=True)``; a Hub
+    reference is fetched first."""
+    path = Path(resolve(path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
@@ -234,6 +239,21 @@ def _taming_to_conv(key: str, levels: int) -> str:
         level, part, rest = int(match[1]), match[2], match[3]
         part = "res" if part == "block" else part
         key = f"decoder.conv_blocks.{levels - 1 - level}.{part}.{rest}"
+    return key
+
+
+def conv_to_taming(key: str, levels: int) -> str:
+    """One conv-backbone (LlamaGen) parameter name -> taming's, as IBQ's and GEAR's IBQ models name it."""
+    key = re.sub(r"^encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"^encoder\.conv_blocks\.(\d+)\.(attn|downsample)\.", r"encoder.down.\1.\2.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.0\.", r"\1.mid.block_1.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.1\.", r"\1.mid.attn_1.", key)
+    key = re.sub(r"^(encoder|decoder)\.mid\.2\.", r"\1.mid.block_2.", key)
+    match = re.match(r"^decoder\.conv_blocks\.(\d+)\.(res|attn|upsample)\.(.*)$", key)
+    if match:
+        level, part, rest = int(match[1]), match[2], match[3]
+        part = "block" if part == "res" else part
+        key = f"decoder.up.{levels - 1 - level}.{part}.{rest}"
     return key
 
 
