@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from gear import hub
 from gear.models.autoencoder import Tokenizer
 from gear.models.gpt import GPT, GPTConfig
 from gear.models.pretrained import CONFIG_NAME, read_config
@@ -49,8 +50,9 @@ RunKind = Literal["tokenizer", "class", "text"]
 
 
 def model_dir(path: str | Path, kind: str, ema: bool = True) -> Path:
-    """A saved model directory, given either that directory or a run directory that holds one."""
-    path = Path(path)
+    """A saved model directory, given either that directory or a run directory that holds one (a local path, or a Hub
+    reference ``hf://OWNER/REPO[@REVISION][/FOLDER]`` fetched into the Hugging Face cache)."""
+    path = Path(hub.resolve(path))
     if (path / CONFIG_NAME).is_file():
         return path
     sub = path / (kind if ema else kind + LIVE_SUFFIX)

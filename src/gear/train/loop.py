@@ -18,6 +18,7 @@ from gear.data import build_dataset
 from gear.data.bad_samples import substitutions
 from gear.files import WriteError
 from gear.models.autoencoder import Tokenizer
+from gear.models.pretrained import ModelOrigin
 from gear.run import LIVE_SUFFIX, TB_DIR, TOKENIZER_DIR, append_metrics, model_dir, write_run_config, write_summary
 from gear.train import checkpoint as ckpt
 from gear.train import previews, sharding
@@ -354,17 +355,21 @@ class Trainer:
         barrier()
 
     def _export_models(self, payload: dict) -> None:
+        config = dataclasses.asdict(self.cfg)
         for kind, mod in (("tokenizer", self.m.tokenizer), ("generator", self.m.generator)):
             if mod is None:
                 continue
+            ema = self.emas.get(kind)
+            origins = {kind: ModelOrigin(self.stage, self.step, "EMA" if ema is not None else "frozen", config),
+                       f"{kind}{LIVE_SUFFIX}": ModelOrigin(self.stage, self.step, "live" if ema is not None else "frozen",
+                                                           config)}
             if sharding.is_sharded(mod):  # the gathered states, through rank 0's plain copy
                 for state, name in ((payload["emas"][kind], kind), (payload["modules"][kind], f"{kind}{LIVE_SUFFIX}")):
                     self.plain_generator.load_state_dict(state)
-                    self.plain_generator.save_pretrained(self.run_dir / name)
+                    self.plain_generator.save_pretrained(self.run_dir / name, origins[name])
                 continue
-            ema = self.emas.get(kind)
-            (ema.module if ema is not None else mod).save_pretrained(self.run_dir / kind)
-            mod.save_pretrained(self.run_dir / f"{kind}{LIVE_SUFFIX}")
+            (ema.module if ema is not None else mod).save_pretrained(self.run_dir / kind, origins[kind])
+            mod.save_pretrained(self.run_dir / f"{kind}{LIVE_SUFFIX}", origins[f"{kind}{LIVE_SUFFIX}"])
 
     def _load(self, payload: dict) -> None:
         if payload.get("stage") != self.stage:
