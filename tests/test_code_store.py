@@ -168,3 +168,22 @@ def test_the_store_is_an_ar_stage_option():
         load_config("configs/fmnist-joint.yaml", ["data.code_store=runs/codes"])
     with pytest.raises(ValueError, match="data.code_store=DIR"):
         extract_for_config(load_config("configs/fmnist-ar.yaml"))
+
+
+def test_a_teacher_whose_targets_changed_gets_a_new_features_key():
+    from gear.align.teachers import DinoV2Teacher
+    from gear.train.code_store import features_key
+
+    class Patches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = torch.nn.Conv2d(3, 4, 4, stride=4)
+
+    data = {"name": "x", "content": "0"}
+    plain = features_key(Patches(), 8, data, bf16=False)
+    assert "teacher_version" not in plain  # the keys of stores made with unchanged teachers stay what they were
+    versioned = Patches()
+    versioned.targets_version = DinoV2Teacher.targets_version
+    key = features_key(versioned, 8, data, bf16=False)
+    assert key["teacher_version"] == 2 and {k: v for k, v in key.items() if k != "teacher_version"} == plain

@@ -277,6 +277,9 @@ class DinoV2Teacher(Teacher):
     """
 
     patch = 14
+    # Part of a code store's key (gear extract): features stored before the embeddings were resampled as GEAR does
+    # (version 1: interpolated on every call) are recomputed rather than reused.
+    targets_version = 2
 
     def __init__(self, model: nn.Module, feature_dim: int, backend: str, name: str = "dinov2-vitb14") -> None:
         super().__init__()

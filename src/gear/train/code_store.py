@@ -102,8 +102,11 @@ def codes_key(tokenizer: nn.Module, data: dict, bf16: bool) -> dict:
 
 
 def features_key(teacher: nn.Module, grid: int, data: dict, bf16: bool) -> dict:
-    return {"format": FORMAT, "teacher": getattr(teacher, "name", type(teacher).__name__),
-            "teacher_weights": module_digest(teacher), "grid": grid, "data": data, "bf16": bf16}
+    key = {"format": FORMAT, "teacher": getattr(teacher, "name", type(teacher).__name__),
+           "teacher_weights": module_digest(teacher), "grid": grid, "data": data, "bf16": bf16}
+    if hasattr(teacher, "targets_version"):  # a teacher whose computation changed names it (keys of others unchanged)
+        key["teacher_version"] = teacher.targets_version
+    return key
 
 
 # ---------------------------------------------------------------------------- extraction
