@@ -267,3 +267,12 @@ def test_bad_inputs_raise_clear_errors():
         model.decode(torch.zeros(2, 64, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(B, 8, h, w\)"):
         model.decode_latent(torch.zeros(2, 4, 8, 8))
+
+
+def test_generated_tokens_decode_without_no_grad():
+    from gear.models.gpt import build_generator
+
+    tok = build_tokenizer("vq-tiny")
+    gen = build_generator("gpt-tiny", vocab_size=tok.codebook_size, grid_size=4, num_classes=10).eval()
+    images = tok.decode(gen.generate(torch.tensor([0, 1]), cfg_scale=1.5, seed=0))  # inference tensors in
+    assert images.shape == (2, 3, 4 * tok.downsample, 4 * tok.downsample) and not images.requires_grad

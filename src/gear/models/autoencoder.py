@@ -268,8 +268,10 @@ class Tokenizer(nn.Module, Pretrained):
         latent = self.quant_conv(self.encoder(self._check_images(images)))
         return self.quantize(latent, with_entropy=False).indices
 
+    @torch.no_grad()
     def decode(self, indices: Tensor) -> Tensor:
-        """int64 token grid (B, h, w) -> images (B, 3, h * downsample, w * downsample)."""
+        """int64 token grid (B, h, w) -> images (B, 3, h * downsample, w * downsample); no gradient (as ``encode``),
+        so the inference-mode tokens of ``generate`` decode outside ``torch.no_grad`` too."""
         return self.decode_latent(self.quantize.decode_indices(indices))
 
     def decode_latent(self, z_q: Tensor) -> Tensor:
