@@ -28,7 +28,7 @@ from gear.losses.perceptual import build_perceptual_loss
 from gear.train import checkpoint as ckpt
 from gear.train import previews, sharding
 from gear.train.bad_data import BadSampleLog
-from gear.train.batches import StepBatch, batch_stream
+from gear.train.batches import StepBatch, batch_stream, restore_stream_state, stream_state
 from gear.models.autoencoder import Tokenizer
 from gear.train.build import LIVE_SUFFIX, TOKENIZER_DIR, generator_from_config, model_dir, tokenizer_from_config
 from gear.train.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_process, barrier, setup_distributed
@@ -234,7 +234,8 @@ class Trainer:
                       self.code_store.stream(t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size))
         else:
             stream = batch_stream(self.dataset, t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size,
-                                  num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                                  num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                                  end_step=t.steps)
         step_fn = ar_step_on_codes if self.code_store is not None else STEPS[self.stage]
         bar = tqdm(total=t.steps, initial=self.step, disable=not (t.progress and self.env.is_main), dynamic_ncols=True,
                    desc=f"{self.stage}")
@@ -424,6 +425,7 @@ class Trainer:
             "optimizers": {k: sharding.gather(u.optimizer.state_dict(), keep) for k, u in self.opts.items()},
             "emas": {k: sharding.gather(e.state_dict(), keep) for k, e in self.emas.items()},
             "guard": {**self.guard.state_dict(), "skipped_samples": self.bad_data.count},
+            "data": stream_state(self.dataset),  # where each shard reader is (collective; {} for other data)
         }
         failure: RunStopped | None = None
         if keep:
@@ -472,6 +474,7 @@ class Trainer:
                 e.load_state_dict(payload["emas"][k])
             self.guard.load_state_dict(payload.get("guard", {}))
             self.bad_data.count = int(payload.get("guard", {}).get("skipped_samples", 0))
+            restore_stream_state(self.dataset, payload.get("data"))
         except (RuntimeError, KeyError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise ValueError(f"the checkpoint does not match this config ({first}); resume with the run's own "
