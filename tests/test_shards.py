@@ -219,31 +219,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def shard_run_config(run_dir, root: str, val_root: str, steps: int, batch_size: int = 4):
+    from gear.config import load_config
+
+    return load_config("configs/fmnist-tokenizer.yaml", [
+        "data.name=webdataset", f"data.root={root}", f"data.val_root={val_root}", "data.image_size=32",
+        "data.num_workers=2", "data.shuffle_buffer=3", f"train.batch_size={batch_size}", f"train.steps={steps}",
+        "train.progress=false", f"train.out_dir={run_dir}", "train.sample_every=1000", "train.checkpoint_every=1000",
+        "train.log_every=1000", "loss.perceptual_weight=0", "loss.gan_weight=0",
+        "model.tokenizer_overrides={base_channels: 8, z_channels: 16, norm_groups: 4}"])
+
+
+def recording_batch_stream(trained: dict[int, list[int]]):
+    """batch_stream that notes the sample indices of each step's batch in ``trained``."""
+    def recording(*args, **kw):
+        for step, batch in enumerate(batch_stream(*args, **kw), start=args[3]):
+            trained[step] = batch.samples.index.tolist()
+            yield batch
+    return recording
+
+
+def test_a_run_on_http_shards_with_loader_workers_resumes_on_the_same_samples(server, tmp_path, monkeypatch):
+    """One process, two loader workers, through the trainer and its checkpoint: 3 + 3 steps train on the samples
+    of 6 uninterrupted ones, and the second part reads no shard the first had finished."""
+    from gear.train import loop
+
+    write_shards(tmp_path / "val", shards=1)
+    val = str(tmp_path / "val" / "s00.tar")
+    whole: dict[int, list[int]] = {}
+    monkeypatch.setattr(loop, "batch_stream", recording_batch_stream(whole))
+    loop.Trainer(shard_run_config(tmp_path / "whole", pattern(server), val, 6)).fit()
+    parts: dict[int, list[int]] = {}
+    monkeypatch.setattr(loop, "batch_stream", recording_batch_stream(parts))
+    loop.Trainer(shard_run_config(tmp_path / "parts", pattern(server), val, 3)).fit()
+    del server.requests[:]
+    loop.Trainer(shard_run_config(tmp_path / "parts", pattern(server), val, 6), resume=True).fit()
+    assert parts == whole and sorted(whole) == list(range(6))
+    finished = {s for s, n in Counter(shard_of(i) for step in range(3) for i in whole[step]).items() if n == PER_SHARD}
+    assert finished and not finished & set(server.requests)
+
+
 def _train(rank: int, world: int, port: int, run_dir: str, root: str, val_root: str, steps: int, resume: bool) -> None:
     """One process of a tokenizer run on the shards; it writes the sample indices of each step it trained on."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from gear.config import load_config
     from gear.train import loop
     from gear.train.distributed import teardown_distributed
 
     trained: dict[int, list[int]] = {}
-
-    def recording(*args, **kw):
-        for step, batch in enumerate(batch_stream(*args, **kw), start=args[3]):
-            trained[step] = batch.samples.index.tolist()
-            yield batch
-
-    loop.batch_stream = recording
-    cfg = load_config("configs/fmnist-tokenizer.yaml", [
-        "data.name=webdataset", f"data.root={root}", f"data.val_root={val_root}", "data.image_size=32",
-        "data.num_workers=2", "data.shuffle_buffer=3", "train.batch_size=4", f"train.steps={steps}",
-        "train.progress=false", f"train.out_dir={run_dir}", "train.sample_every=1000", "train.checkpoint_every=1000",
-        "train.log_every=1000", "loss.perceptual_weight=0", "loss.gan_weight=0",
-        "model.tokenizer_overrides={base_channels: 8, z_channels: 16, norm_groups: 4}"])
+    loop.batch_stream = recording_batch_stream(trained)
     try:
-        loop.Trainer(cfg, resume=resume).fit()
+        loop.Trainer(shard_run_config(run_dir, root, val_root, steps), resume=resume).fit()
     finally:
         teardown_distributed()
     path = Path(run_dir) / f"trained-{rank}.json"
@@ -298,3 +325,17 @@ def test_a_stopped_two_process_run_resumes_on_the_same_samples_without_finished_
     finished = {s for s, n in trained_before.items() if n == PER_SHARD}
     assert finished and not finished & set(module_server.requests)
     assert len(module_server.requests) == len(set(module_server.requests))
+
+
+def test_the_reader_benchmark_runs_on_tiny_shards(capsys):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    out = importlib.import_module("shard_reader").main(["--shards", "4", "--per-shard", "4", "--pixels", "24",
+                                                        "--image-size", "16", "--batch", "4", "--workers", "1", "2"])
+    assert set(out) == {"exact (in-process)", "shards, 1 workers", "shards, 2 workers"}
+    # each of the two processes reads half the shards in the shard split, all of them in the exact one
+    assert out["shards, 2 workers"]["bytes_rank0"] == out["shards, 2 workers"]["bytes_rank1"]
+    assert out["exact (in-process)"]["bytes_rank1"] > 1.9 * out["shards, 2 workers"]["bytes_rank1"]
+    assert "| shards, 2 workers |" in capsys.readouterr().out
