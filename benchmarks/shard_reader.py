@@ -54,8 +54,7 @@ def one_process(root: str, split: str, workers: int, rank: int, steps: int, batc
                                                    end_step=steps)):
         pass
     seconds = time.perf_counter() - t0
-    read = dataset.bytes_read[0] if split == "exact" else dataset.bytes_read
-    return seconds, read
+    return seconds, dataset.bytes_read
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

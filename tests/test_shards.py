@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import threading
 from collections import Counter
@@ -195,6 +196,25 @@ def test_a_missing_remote_shard_is_retried_then_skipped_or_stops(server, monkeyp
     with pytest.warns(SkippedSample, match=r"skipped shard http://127\.0\.0\.1:\d+/gone\.tar"):
         got = indices(batch_stream(ds, 2, 0, 0, 0, 1, end_step=4), 4)
     assert sorted(i for b in got for i in b) == [s * SHARD_STRIDE + p for s in (0, 2) for p in range(PER_SHARD)]
+
+
+def test_a_run_on_a_missing_remote_shard_stops_with_one_line_or_trains_on(server, tmp_path, monkeypatch, capsys):
+    from gear.cli import main
+
+    monkeypatch.setattr(shard_io, "RETRY_DELAY_S", 0.0)
+    write_shards(tmp_path / "val", shards=1)
+    root = server.url("{s00,gone,s01}.tar")
+    args = ["train", "configs/fmnist-tokenizer.yaml", "data.name=webdataset", f"data.root={root}",
+            f"data.val_root={tmp_path / 'val' / 's00.tar'}", "data.image_size=32", "data.shuffle_buffer=0",
+            "train.batch_size=4", "train.steps=3", "train.progress=false", "train.sample_every=100",
+            "loss.perceptual_weight=0", "loss.gan_weight=0",
+            "model.tokenizer_overrides={base_channels: 8, z_channels: 16, norm_groups: 4}"]
+    assert main([*args, f"train.out_dir={tmp_path / 'stop'}"]) != 0
+    err = capsys.readouterr().err
+    assert re.search(r"gear train: error: cannot read http://127\.0\.0\.1:\d+/gone\.tar \(shard could not be read", err)
+    with pytest.warns(SkippedSample, match="gone.tar"):
+        assert main([*args, f"train.out_dir={tmp_path / 'skip'}", "data.on_bad_sample=skip"]) == 0
+    assert json.loads((tmp_path / "skip" / "summary.json").read_text())["step"] == 3  # 12 samples: into epoch 1
 
 
 def test_bad_samples_give_their_place_to_the_next_readable_one(tmp_path):

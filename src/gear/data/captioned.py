@@ -32,7 +32,8 @@ from torch.utils.data import Dataset, IterableDataset
 from gear.data.fmnist_captions import CaptionedSample
 from gear.data.image_folder import DECODE_ERRORS, EXTENSIONS, decode_rgb
 from gear.data.transforms import center_crop, generator_for, hflip, random_crop, resize_short_side, to_tensor_minus1_1
-from gear.data.bad_samples import BadSample, BadSamples, SkippedSample, StreamBadSamples, not_a_sample
+from gear.data.bad_samples import SkippedSample  # noqa: F401  (where readers of this module look for it)
+from gear.data.bad_samples import BadSample, BadSamples, StreamBadSamples, not_a_sample
 from gear.data.shard_io import expand_shards, read_shard
 
 
@@ -146,11 +147,16 @@ class WebDatasetCaptions(IterableDataset):
                  random_flip: bool = True, crop: str = "resize", on_bad_sample: str = "stop", allow_pipe: bool = False):
         self.shards = expand_shards(urls, allow_pipe)
         self.on_bad_sample = on_bad_sample
-        self.bytes_read = [0]  # bytes read from the shards by this process
+        self.counted = [0]  # bytes read from the shards by this process
         self.bad_samples = StreamBadSamples(on_bad_sample)
         self.transform = CaptionTransform(image_size, train, random_flip, crop)
         self.train, self.seed = train, seed
         self.position = (0, 0, 1, 1)  # start sample, rank, world size, global batch: set by batch_stream
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this process read from the shards."""
+        return self.counted[0]
 
     def configure(self, start_step: int, rank: int, world_size: int, global_batch: int) -> None:
         self.position = (start_step * global_batch, rank, world_size, global_batch)
@@ -170,7 +176,7 @@ class WebDatasetCaptions(IterableDataset):
                 perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
                 order = [order[i] for i in perm]
             for shard in order:
-                for _, sample in read_shard(shard, self.on_bad_sample, counted=self.bytes_read):
+                for _, sample in read_shard(shard, self.on_bad_sample, counted=self.counted):
                     yield position, shard, sample
                     position += 1
             if position == 0:

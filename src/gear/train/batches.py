@@ -97,7 +97,7 @@ def restore_stream_state(dataset: Dataset, state: dict[str, Any] | None) -> None
         dataset.load_state_dict(state or {})
 
 
-def shard_batches(dataset: ShardedCaptions, global_batch: int, start_step: int, rank: int, world_size: int,
+def shard_batches(dataset: ShardedCaptions, global_batch: int, seed: int, start_step: int, rank: int, world_size: int,
                   num_workers: int = 0, pin_memory: bool = False, end_step: int | None = None) -> Iterator[StepBatch]:
     """The shard split's batches: this process's readers in turn (loader worker ``w`` makes the batches of steps
     ``s % num_workers == w``), each batch's reader state noted in ``dataset`` as it is handed on."""
@@ -105,6 +105,7 @@ def shard_batches(dataset: ShardedCaptions, global_batch: int, start_step: int, 
     if note and rank == 0:
         print(note, file=sys.stderr)
     loader = DataLoader(dataset, batch_size=None, collate_fn=_as_sent, num_workers=num_workers, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(seed),  # private, as for the map-style loader below
                         worker_init_fn=_ignore_interrupt if num_workers > 0 else None)
     for step, batch in enumerate(loader, start=start_step):
         if batch.step != step:
@@ -120,7 +121,8 @@ def batch_stream(dataset: Dataset, global_batch: int, seed: int, start_step: int
     if isinstance(dataset, IterableDataset) and global_batch % world_size:
         raise ValueError(f"train.batch_size={global_batch} must be divisible by the {world_size} processes")
     if isinstance(dataset, ShardedCaptions):
-        yield from shard_batches(dataset, global_batch, start_step, rank, world_size, num_workers, pin_memory, end_step)
+        yield from shard_batches(dataset, global_batch, seed, start_step, rank, world_size, num_workers, pin_memory,
+                                 end_step)
         return
     if isinstance(dataset, IterableDataset):  # the exact split positions itself and is read in-process
         dataset.configure(start_step, rank, world_size, global_batch)
