@@ -123,6 +123,16 @@ def test_fewer_shards_than_readers_stop_with_one_line(tmp_path):
         next(batch_stream(ds, 4, 0, 0, 0, 2, num_workers=2))
 
 
+def test_very_uneven_shards_are_warned_about(tmp_path):
+    from gear.data.shards import UnevenShards
+
+    write_shards(tmp_path / "a", shards=1, per_shard=1)
+    write_shards(tmp_path / "b", shards=1, per_shard=40)
+    ds = ShardedCaptions([str(tmp_path / "a" / "s00.tar"), str(tmp_path / "b" / "s00.tar")], image_size=16)
+    with pytest.warns(UnevenShards, match="shard sizes range from"):
+        ds.configure(0, 1, 0, 2, 0)
+
+
 def test_config_checks_for_the_shard_options():
     with pytest.raises(ValueError, match="data.stream_split must be one of"):
         DataConfig(name="webdataset", stream_split="nodes")
@@ -181,6 +191,17 @@ def _serialized(state) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
+
+
+def test_the_exact_split_reads_http_shards_as_local_ones(server, tmp_path):
+    def first_batches(root):
+        cfg = DataConfig(name="webdataset", root=root, image_size=16, stream_split="exact")
+        stream = batch_stream(build_dataset(cfg, "train", seed=2), 4, 2, 0, 1, 2)
+        return [b.samples.caption for _, b in zip(range(3), stream)]
+
+    remote = first_batches(pattern(server))
+    assert remote == first_batches(str(tmp_path / "www" / "s{00..07}.tar"))
+    assert len({c for batch in remote for c in batch}) == 6
 
 
 def test_a_missing_remote_shard_is_retried_then_skipped_or_stops(server, monkeypatch):
