@@ -7,7 +7,8 @@ in the training process and decodes its slice of each batch).
 
 Both processes' readers run here, one process after the other (rank 0, then rank 1), each for one epoch of the
 global batch, so the bytes are what each process of a 2-process run reads in an epoch; samples/s is over the
-whole epoch, starting the workers included. Variants run interleaved per round so that load from other programs
+whole epoch (starting the workers included) and from the first batch on (the workers running; with several
+workers this overstates, as the others prepare their batches while the first one is awaited: read both). Variants run interleaved per round so that load from other programs
 falls on all alike; the table shows medians, and the ratios to the exact split are what to read. Decoding is
 only the reader's (no model step), so the ratios are an upper bound of what a training step sees.
 """
@@ -42,19 +43,21 @@ def write_shards(folder: Path, shards: int, per_shard: int, pixels: int) -> str:
     return str(folder / f"train-{{0000..{shards - 1:04d}}}.tar")
 
 
-def one_process(root: str, split: str, workers: int, rank: int, steps: int, batch: int, image_size: int) -> tuple[float, int]:
-    """(seconds, bytes read) for process ``rank`` of 2 to make ``steps`` local batches."""
+def one_process(root: str, split: str, workers: int, rank: int, steps: int, batch: int,
+                image_size: int) -> tuple[float, float, int]:
+    """(seconds to the first batch, seconds for the others, bytes read) for process ``rank`` of 2 to make ``steps``
+    local batches."""
     from gear.data import DataConfig, build_dataset
     from gear.train.batches import batch_stream
 
     cfg = DataConfig(name="webdataset", root=root, image_size=image_size, stream_split=split, num_workers=workers)
     dataset = build_dataset(cfg, "train", seed=0)
     t0 = time.perf_counter()
+    first = None
     for _, _batch in zip(range(steps), batch_stream(dataset, batch, 0, 0, rank, 2, num_workers=workers,
                                                    end_step=steps)):
-        pass
-    seconds = time.perf_counter() - t0
-    return seconds, dataset.bytes_read
+        first = first or time.perf_counter()
+    return first - t0, time.perf_counter() - first, dataset.bytes_read
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -75,26 +78,34 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_shards(Path(tmp), args.shards, args.per_shard, args.pixels)
         total = sum(f.stat().st_size for f in Path(tmp).glob("*.tar"))
-        times: dict[str, list[float]] = {}
+        times: dict[str, list[float]] = {}  # the whole epoch
+        steady: dict[str, list[float]] = {}  # from the first batch on (the workers started)
         read: dict[str, list[int]] = {}
         for _ in range(args.rounds):
             for split, workers in variants:
                 name = f"{split}, {workers} workers" if split == "shards" else "exact (in-process)"
                 results = [one_process(root, split, workers, rank, steps, args.batch, args.image_size) for rank in (0, 1)]
-                times.setdefault(name, []).append(sum(s for s, _ in results))
-                read[name] = [b for _, b in results]
+                times.setdefault(name, []).append(sum(a + b for a, b, _ in results))
+                steady.setdefault(name, []).append(sum(b for _, b, _ in results))
+                read[name] = [n for _, _, n in results]
     local = steps * args.batch // 2
     print(f"{args.shards} shards x {args.per_shard} PNGs of {args.pixels} px ({total / 1e6:.1f} MB), 2 processes, "
           f"global batch {args.batch}, one epoch ({steps} steps); {args.rounds} round(s), medians")
-    print("| reader | samples/s per process | vs exact | MB read by rank 0 / rank 1 | of the data set |")
-    print("|---|---|---|---|---|")
+    print("| reader | samples/s per process (epoch) | vs exact | after the first batch | vs exact | "
+          "MB read by rank 0 / rank 1 | of the data set |")
+    print("|---|---|---|---|---|---|---|")
     out: dict[str, dict[str, float]] = {}
     base = 2 * local / statistics.median(times["exact (in-process)"])
+    base_steady = 2 * (local - args.batch // 2) / statistics.median(steady["exact (in-process)"])
     for name, ts in times.items():
         rate = 2 * local / statistics.median(ts)
-        out[name] = {"samples_per_s": rate, "ratio": rate / base, "bytes_rank0": read[name][0], "bytes_rank1": read[name][1]}
-        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x | {read[name][0] / 1e6:.1f} / {read[name][1] / 1e6:.1f} | "
-              f"{read[name][0] / total:.2f} / {read[name][1] / total:.2f} |")
+        rate_steady = 2 * (local - args.batch // 2) / statistics.median(steady[name])
+        out[name] = {"samples_per_s": rate, "ratio": rate / base, "steady_samples_per_s": rate_steady,
+                     "steady_ratio": rate_steady / base_steady, "bytes_rank0": read[name][0],
+                     "bytes_rank1": read[name][1]}
+        print(f"| {name} | {rate:.0f} | {rate / base:.2f}x | {rate_steady:.0f} | {rate_steady / base_steady:.2f}x | "
+              f"{read[name][0] / 1e6:.1f} / {read[name][1] / 1e6:.1f} | {read[name][0] / total:.2f} / "
+              f"{read[name][1] / total:.2f} |")
     return out
 
 
