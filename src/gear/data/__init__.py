@@ -11,10 +11,11 @@ from torch.utils.data import Dataset
 
 from gear.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSamples
 from gear.data.captioned import JsonlCaptions, WebDatasetCaptions
-from gear.data.shards import ShardedCaptions
 from gear.data.fashion_mnist import CLASSES, DEFAULT_ROOT, FashionMNIST, read_idx
 from gear.data.fmnist_captions import CaptionedFashionMNIST, CaptionedSample
 from gear.data.image_folder import CROPS, ImageFolder
+from gear.data.shard_io import is_pipe, refuse_pipe
+from gear.data.shards import ShardedCaptions
 from gear.data.transforms import Sample, generator_for, save_image_grid, to_uint8_image
 
 CAPTIONED = ("fashion-mnist-captions", "jsonl", "webdataset")
@@ -73,10 +74,9 @@ class DataConfig:
         if self.name == "webdataset" and self.stream_split == "exact" and self.num_workers:
             raise ValueError("data.num_workers must be 0 with data.stream_split=exact (the shards are read in the "
                              "training process); the default data.stream_split=shards reads them in loader workers")
-        pipes = [r for r in (self.root, self.val_root) if r.startswith("pipe:")]
+        pipes = [r for r in (self.root, self.val_root) if is_pipe(r)]
         if self.name == "webdataset" and pipes and not self.allow_pipe:
-            raise ValueError(f"data.root {pipes[0]!r} runs a shell command: set data.allow_pipe=true if you mean it "
-                             "(a config does not run commands unannounced)")
+            raise refuse_pipe(pipes[0])
         if self.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {self.on_bad_sample!r}")
 

@@ -28,6 +28,11 @@ def is_pipe(url: str) -> bool:
     return url.startswith("pipe:")
 
 
+def refuse_pipe(url: str) -> ValueError:
+    return ValueError(f"webdataset shards {url!r} run a shell command: set data.allow_pipe=true if you mean it (a "
+                      "config does not run commands unannounced)")
+
+
 def is_local(url: str) -> bool:
     return urlparse(url).scheme in ("", "file")
 
@@ -48,8 +53,7 @@ def expand_shards(urls: str | list[str], allow_pipe: bool = False) -> list[str]:
     for url in shards:
         if is_pipe(url):
             if not allow_pipe:
-                raise ValueError(f"webdataset shard {url!r} runs a shell command: set data.allow_pipe=true if you "
-                                 "mean it (a config does not run commands unannounced)")
+                raise refuse_pipe(url)
         elif not is_local(url) and urlparse(url).scheme not in gopen_schemes:
             known = sorted(s for s in gopen_schemes if not s.startswith("_"))
             raise ValueError(f"webdataset shard {url!r}: unknown URL scheme; use a local path, pipe: or one of {known}")
