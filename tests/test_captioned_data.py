@@ -121,7 +121,7 @@ def test_webdataset_shards_stream_captions_and_split_batches_over_ranks(tmp_path
     write_shard(tmp_path / "a.tar", [(f"a{i}", 10 * i, f"caption a{i}", "json") for i in range(5)])
     write_shard(tmp_path / "b.tar", [(f"b{i}", 10 * i, f"caption b{i}", "txt") for i in range(5)])
     urls = str(tmp_path / "{a,b}.tar")
-    cfg = DataConfig(name="webdataset", root=urls, image_size=16)
+    cfg = DataConfig(name="webdataset", root=urls, image_size=16, stream_split="exact")
     one = next(batch_stream(build_dataset(cfg, "train", seed=1), 4, seed=1, start_step=2, rank=0, world_size=1)).samples
     halves = [next(batch_stream(build_dataset(cfg, "train", seed=1), 4, seed=1, start_step=2, rank=r, world_size=2)).samples
               for r in (0, 1)]
@@ -149,7 +149,7 @@ def test_a_stream_lists_its_skips_in_the_run_like_an_image_folder(tmp_path):
     write_shard(tmp_path / "s.tar", [(f"k{i}", "bad" if i in (2, 5) else 20 * i, f"caption {i}", "txt") for i in range(8)])
     run = tmp_path / "run"
     assert main(["train", "configs/fmnist-tokenizer.yaml", "data.name=webdataset", f"data.root={tmp_path / 's.tar'}",
-                 "data.image_size=32", "data.on_bad_sample=skip", "train.batch_size=4", "train.steps=2",
+                 "data.image_size=32", "data.on_bad_sample=skip", "data.stream_split=exact", "train.batch_size=4", "train.steps=2",
                  "train.progress=false", f"train.out_dir={run}", "train.sample_every=100", "train.checkpoint_every=2",
                  "model.tokenizer_overrides={base_channels: 16, z_channels: 32, norm_groups: 8}"]) == 0
     listed = [json.loads(line) for line in (run / "bad_samples.jsonl").read_text().splitlines()]

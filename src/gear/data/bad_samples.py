@@ -14,11 +14,13 @@ trainer sees a substitution (``substitutions``) and lists it in the run director
 
 A stream (WebDataset shards) cannot go back to an item: it substitutes the next readable sample of its own slice
 itself and notes what it skipped in a ``StreamBadSamples``, which answers ``error(position)`` as ``BadSamples``
-answers ``error(index)``; the trainer reads either as ``dataset.bad_samples``.
+answers ``error(index)``; the trainer reads either as ``dataset.bad_samples``. (The shard split's loader workers
+send what they skipped along with their batches, and the training process notes it there.)
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Generic, Sequence, TypeVar
 
 import torch
@@ -39,6 +41,20 @@ class BadSample(ValueError):
 
     def __reduce__(self):  # DataLoader workers send exceptions back pickled
         return BadSample, (self.source, self.reason)
+
+
+class SkippedSample(UserWarning):
+    """A manifest line, tar member or shard that holds no sample was skipped (data.on_bad_sample=skip)."""
+
+
+def not_a_sample(policy: str, source: str, err: Exception) -> None:
+    """A manifest line or tar member that is no sample: raise (stop) or warn and go on (skip)."""
+    if policy not in ON_BAD_SAMPLE:
+        raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {policy!r}")
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if policy == "stop":
+        raise BadSample(source, reason)
+    warnings.warn(f"skipped {source} ({reason}): it holds no sample", SkippedSample, stacklevel=3)
 
 
 class BadSamples(Generic[S]):

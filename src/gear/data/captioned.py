@@ -2,10 +2,12 @@
 
 - ``JsonlCaptions``: one ``{"image": path, "caption": text}`` object per line; relative paths are read from the
   manifest's folder. A map-style data set (exact resume, any number of processes, as ImageFolder).
-- ``WebDatasetCaptions``: tar shards read with the ``webdataset`` package; a sample is an image (jpg, png, webp, ...)
-  plus a caption in ``.json`` (key ``caption``) or ``.txt``. A stream: every process reads the shards in the same
-  order (shuffled per epoch from the seed) and keeps its own slice of each global batch, so the batches are the
-  one-process run's; a resumed run skips the samples of the steps already done.
+- ``WebDatasetCaptions``: tar shards read with the ``webdataset`` package (local, ``http(s)://`` or ``pipe:``, see
+  gear.data.shard_io); a sample is an image (jpg, png, webp, ...) plus a caption in ``.json`` (key ``caption``) or
+  ``.txt``. This is the exact split (``data.stream_split=exact``): every process reads the shards in the same order
+  (shuffled per epoch from the seed) and keeps its own slice of each global batch, so the batches are the
+  one-process run's; a resumed run reads the stream again up to its step. The default split, where each process
+  and loader worker reads its own shards, is gear.data.shards.ShardedCaptions.
 
 Bad samples follow ``data.on_bad_sample`` (gear.data.bad_samples): ``stop`` raises a one-line error naming the
 sample; ``skip`` substitutes another one deterministically (the manifest's next readable item; in a stream, the next
@@ -19,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -31,11 +32,9 @@ from torch.utils.data import Dataset, IterableDataset
 from gear.data.fmnist_captions import CaptionedSample
 from gear.data.image_folder import DECODE_ERRORS, EXTENSIONS, decode_rgb
 from gear.data.transforms import center_crop, generator_for, hflip, random_crop, resize_short_side, to_tensor_minus1_1
-from gear.data.bad_samples import ON_BAD_SAMPLE, BadSample, BadSamples, StreamBadSamples
-
-
-class SkippedSample(UserWarning):
-    """A manifest line or tar member that holds no sample was skipped (data.on_bad_sample=skip)."""
+from gear.data.bad_samples import SkippedSample  # noqa: F401  (where readers of this module look for it)
+from gear.data.bad_samples import BadSample, BadSamples, StreamBadSamples, not_a_sample
+from gear.data.shard_io import expand_shards, read_shard
 
 
 def check_caption(value) -> str:
@@ -44,7 +43,7 @@ def check_caption(value) -> str:
     return value.strip()
 
 
-class _Transform:
+class CaptionTransform:
     """Short-side resize, then a random crop and flip (train, drawn from ``generator``) or a center crop."""
 
     def __init__(self, image_size: int, train: bool, random_flip: bool, crop: str):
@@ -61,16 +60,6 @@ class _Transform:
         return to_tensor_minus1_1(pixels)
 
 
-def _not_a_sample(policy: str, source: str, err: Exception) -> None:
-    """A manifest line or tar member that is no sample: raise (stop) or warn and go on (skip)."""
-    if policy not in ON_BAD_SAMPLE:
-        raise ValueError(f"data.on_bad_sample must be one of {ON_BAD_SAMPLE}, got {policy!r}")
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if policy == "stop":
-        raise BadSample(source, reason)
-    warnings.warn(f"skipped {source} ({reason}): it holds no sample", SkippedSample, stacklevel=3)
-
-
 class JsonlCaptions(Dataset):
     """Images and captions listed in a JSONL manifest."""
 
@@ -82,7 +71,7 @@ class JsonlCaptions(Dataset):
         if not self.manifest.is_file():
             raise FileNotFoundError(f"caption manifest {self.manifest} not found; expected a JSONL file of "
                                     '{"image": path, "caption": text} lines')
-        self.transform = _Transform(image_size, train, random_flip, crop)
+        self.transform = CaptionTransform(image_size, train, random_flip, crop)
         self.train, self.seed, self.epoch = train, seed, 0
         self.items: list[tuple[Path, str]] = []
         with open(self.manifest, encoding="utf-8") as f:
@@ -95,7 +84,7 @@ class JsonlCaptions(Dataset):
                         raise BadSample('expected {"image": path, "caption": text}')
                     self.items.append((self.manifest.parent / entry["image"], check_caption(entry.get("caption"))))
                 except (json.JSONDecodeError, BadSample) as err:
-                    _not_a_sample(on_bad_sample, f"{self.manifest} line {lineno}", err)
+                    not_a_sample(on_bad_sample, f"{self.manifest} line {lineno}", err)
         self.items = self.items[:limit]
         if not self.items:
             raise ValueError(f"caption manifest {self.manifest} lists no usable image")
@@ -126,7 +115,8 @@ class JsonlCaptions(Dataset):
         return CaptionedSample(self.transform(image, generator), torch.tensor(0), index, text)
 
 
-def _decode_webdataset_sample(sample: dict) -> tuple[Image.Image, str]:
+def decode_webdataset_sample(sample: dict) -> tuple[Image.Image, str]:
+    """The RGB image and the caption of a raw WebDataset sample (a dict of member bytes), or ``BadSample``."""
     image_key = next((k for k in sample if "." + k.lower() in EXTENSIONS), None)
     if image_key is None:
         raise BadSample(f"no image among {sorted(k for k in sample if not k.startswith('__'))}")
@@ -154,18 +144,19 @@ class WebDatasetCaptions(IterableDataset):
     classes = ()
 
     def __init__(self, urls: str | list[str], image_size: int = 256, train: bool = True, seed: int = 0,
-                 random_flip: bool = True, crop: str = "resize", on_bad_sample: str = "stop"):
-        import webdataset as wds
-
-        self.shards = list(wds.SimpleShardList(urls).urls)
-        missing = [s for s in self.shards if not Path(s).is_file()]
-        if missing:
-            raise FileNotFoundError(f"webdataset shard {missing[0]} not found ({len(missing)} of {len(self.shards)} missing)")
+                 random_flip: bool = True, crop: str = "resize", on_bad_sample: str = "stop", allow_pipe: bool = False):
+        self.shards = expand_shards(urls, allow_pipe)
         self.on_bad_sample = on_bad_sample
+        self.counted = [0]  # bytes read from the shards by this process
         self.bad_samples = StreamBadSamples(on_bad_sample)
-        self.transform = _Transform(image_size, train, random_flip, crop)
+        self.transform = CaptionTransform(image_size, train, random_flip, crop)
         self.train, self.seed = train, seed
         self.position = (0, 0, 1, 1)  # start sample, rank, world size, global batch: set by batch_stream
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes this process read from the shards."""
+        return self.counted[0]
 
     def configure(self, start_step: int, rank: int, world_size: int, global_batch: int) -> None:
         self.position = (start_step * global_batch, rank, world_size, global_batch)
@@ -178,8 +169,6 @@ class WebDatasetCaptions(IterableDataset):
 
     def _raw(self) -> Iterator[tuple[int, str, dict]]:
         """(global position, shard, raw sample) forever: epochs of the shards, shuffled per epoch when training."""
-        from webdataset import tarfile_samples
-
         position, epoch = 0, 0
         while True:
             order = list(self.shards)
@@ -187,19 +176,12 @@ class WebDatasetCaptions(IterableDataset):
                 perm = torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
                 order = [order[i] for i in perm]
             for shard in order:
-                handler = self._tar_error(shard)
-                for sample in tarfile_samples([{"url": shard}], handler=handler):
+                for _, sample in read_shard(shard, self.on_bad_sample, counted=self.counted):
                     yield position, shard, sample
                     position += 1
             if position == 0:
                 raise BadSample(f"webdataset shards {self.shards[0]}...: no samples at all")
             epoch += 1
-
-    def _tar_error(self, shard: str):
-        def handler(err: Exception) -> bool:
-            _not_a_sample(self.on_bad_sample, f"a tar member in {shard}", err)
-            return True
-        return handler
 
     def __iter__(self) -> Iterator[CaptionedSample]:
         start, rank, world, batch = self.position
@@ -209,7 +191,7 @@ class WebDatasetCaptions(IterableDataset):
             if position < start or (position % batch) // local != rank:
                 continue
             try:
-                image, text = _decode_webdataset_sample(sample)
+                image, text = decode_webdataset_sample(sample)
             except BadSample as err:
                 self.bad_samples.bad(position, BadSample(f"{sample.get('__key__', '?')} in {shard}", str(err)))
                 waiting += 1

@@ -4,15 +4,23 @@ Step ``s`` of the global stream takes batch ``s % per_epoch`` of epoch ``s // pe
 epoch is a permutation drawn from ``(seed, epoch)`` and the last incomplete batch is dropped. With
 several processes, rank ``r`` takes the r-th contiguous slice of the global batch, so the union over
 ranks equals the one-process batch and a run can resume with a different number of processes.
+
+WebDataset shards are a stream. With ``data.stream_split=shards`` (gear.data.shards) each process and loader worker
+reads its own shards and the checkpoint holds where each reader is (``stream_state`` / ``restore_stream_state``);
+with ``exact`` every process reads every shard in the training process and keeps its slice of each global batch.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+
+from gear.data.shards import ReaderBatch, ShardedCaptions, merge_states
+from gear.train.distributed import gather_objects
 
 
 class StepBatchSampler(Sampler[list[int]]):
@@ -72,11 +80,51 @@ def _ignore_interrupt(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _as_sent(batch: ReaderBatch) -> ReaderBatch:
+    return batch
+
+
+def stream_state(dataset: Dataset) -> dict[str, Any]:
+    """Where the shard readers of every process are, for the checkpoint ({} for data that resumes from the step
+    alone). Collective: every process calls it."""
+    mine = dataset.state_dict() if isinstance(dataset, ShardedCaptions) else {}
+    return merge_states(gather_objects(mine))
+
+
+def restore_stream_state(dataset: Dataset, state: dict[str, Any] | None) -> None:
+    """Hand a checkpoint's ``stream_state`` to the data set (before ``batch_stream``)."""
+    if isinstance(dataset, ShardedCaptions):
+        dataset.load_state_dict(state or {})
+
+
+def shard_batches(dataset: ShardedCaptions, global_batch: int, seed: int, start_step: int, rank: int, world_size: int,
+                  num_workers: int = 0, pin_memory: bool = False, end_step: int | None = None) -> Iterator[StepBatch]:
+    """The shard split's batches: this process's readers in turn (loader worker ``w`` makes the batches of steps
+    ``s % num_workers == w``), each batch's reader state noted in ``dataset`` as it is handed on."""
+    note = dataset.configure(rank, world_size, num_workers, global_batch // world_size, start_step, end_step)
+    if note and rank == 0:
+        print(note, file=sys.stderr)
+    loader = DataLoader(dataset, batch_size=None, collate_fn=_as_sent, num_workers=num_workers, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(seed),  # private, as for the map-style loader below
+                        worker_init_fn=_ignore_interrupt if num_workers > 0 else None)
+    for step, batch in enumerate(loader, start=start_step):
+        if batch.step != step:
+            raise RuntimeError(f"the shard readers sent the batch of step {batch.step} for step {step}")
+        dataset.trained(batch)
+        yield StepBatch(batch.samples, batch.requested)
+
+
 def batch_stream(dataset: Dataset, global_batch: int, seed: int, start_step: int, rank: int, world_size: int,
-                 num_workers: int = 0, pin_memory: bool = False) -> Iterator[StepBatch]:
-    if isinstance(dataset, IterableDataset):  # a stream (WebDataset shards) positions itself and is read in-process
-        if global_batch % world_size:
-            raise ValueError(f"train.batch_size={global_batch} must be divisible by the {world_size} processes")
+                 num_workers: int = 0, pin_memory: bool = False, end_step: int | None = None) -> Iterator[StepBatch]:
+    """The batches of steps ``start_step``, ``start_step + 1``, ... (up to ``end_step``, which lets shard readers
+    stop reading at the run's last step) for process ``rank`` of ``world_size``."""
+    if isinstance(dataset, IterableDataset) and global_batch % world_size:
+        raise ValueError(f"train.batch_size={global_batch} must be divisible by the {world_size} processes")
+    if isinstance(dataset, ShardedCaptions):
+        yield from shard_batches(dataset, global_batch, seed, start_step, rank, world_size, num_workers, pin_memory,
+                                 end_step)
+        return
+    if isinstance(dataset, IterableDataset):  # the exact split positions itself and is read in-process
         dataset.configure(start_step, rank, world_size, global_batch)
         loader = DataLoader(dataset, batch_size=global_batch // world_size, pin_memory=pin_memory)
         for step, samples in enumerate(loader, start=start_step):  # a stream substitutes its bad samples itself

@@ -23,7 +23,7 @@ from gear.run import LIVE_SUFFIX, TB_DIR, TOKENIZER_DIR, append_metrics, model_d
 from gear.train import checkpoint as ckpt
 from gear.train import previews, sharding
 from gear.train.bad_data import BadSampleLog
-from gear.train.batches import StepBatch, batch_stream
+from gear.train.batches import StepBatch, batch_stream, restore_stream_state, stream_state
 from gear.train.code_store import CodeStore
 from gear.train.distributed import DistEnv, any_process, barrier, setup_distributed
 from gear.train.ema import EMA
@@ -169,7 +169,8 @@ class Trainer:
             return (StepBatch(b, b.index) for b in  # stored codes: nothing is substituted
                     self.code_store.stream(t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size))
         return batch_stream(self.dataset, t.batch_size, t.seed, self.step, self.env.rank, self.env.world_size,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                            num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                            end_step=t.steps)
 
     def train_step(self, batch: StepBatch, signals: StopSignals | None = None) -> Verdict:
         """One iteration on this process's share of a global batch: the stage's step on each micro-batch
@@ -334,6 +335,7 @@ class Trainer:
             "optimizers": {k: sharding.gather(u.optimizer.state_dict(), keep) for k, u in self.opts.items()},
             "emas": {k: sharding.gather(e.state_dict(), keep) for k, e in self.emas.items()},
             "guard": {**self.guard.state_dict(), "skipped_samples": self.bad_data.count},
+            "data": stream_state(self.dataset),  # where each shard reader is (collective; {} for other data)
         }
         failure: RunStopped | None = None
         if keep:
@@ -386,6 +388,7 @@ class Trainer:
                 e.load_state_dict(payload["emas"][k])
             self.guard.load_state_dict(payload.get("guard", {}))
             self.bad_data.count = int(payload.get("guard", {}).get("skipped_samples", 0))
+            restore_stream_state(self.dataset, payload.get("data"))
         except (RuntimeError, KeyError, ValueError) as err:
             first = str(err).strip().splitlines()[0]
             raise ValueError(f"the checkpoint does not match this config ({first}); resume with the run's own "
