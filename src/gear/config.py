@@ -39,6 +39,10 @@ class ModelConfig:
     tokenizer_init: str = ""
     generator_init: str = ""
     init_from_ema: bool = True                   # take the EMA weights when the init has them
+    # The discriminator a tokenizer or joint stage starts from: a run directory (its checkpoints/last.pt) or a GEAR
+    # checkpoint file (its "discriminator"); "" = model.tokenizer_init's when it holds one, else a fresh one;
+    # "fresh" = a fresh one. Weights only: its optimizer state starts anew (as in GEAR).
+    discriminator_init: str = ""
 
 
 @dataclass
@@ -184,6 +188,9 @@ def validate(cfg: Config) -> None:
            "cannot be used with imagefolder data (random crops and flips change the teacher's features)")
     _check(not (cfg.data.code_store and t.stage != "ar"), "data.code_store",
            f"is read by the ar stage only (this config trains {t.stage!r}): remove it")
+    _check(not cfg.model.discriminator_init or (t.stage in ("tokenizer", "joint") and cfg.loss.gan_weight > 0),
+           "model.discriminator_init", "is read only by a stage that trains a discriminator (tokenizer or joint, "
+           "with loss.gan_weight > 0): remove it")
     e = cfg.eval
     _check(e.samples_per_class >= 1 and e.fid_samples >= 2 and e.fid_every >= 0, "eval",
            "needs samples_per_class >= 1, fid_samples >= 2, fid_every >= 0")

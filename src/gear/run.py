@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from gear import hub
+from gear.hub import resolve
 from gear.models.autoencoder import Tokenizer
 from gear.models.gpt import GPT, GPTConfig
 from gear.models.pretrained import CONFIG_NAME, read_config
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_NAME = "last.pt"        # the latest checkpoint; step_*.pt beside it (gear.train.checkpoint)
 TOKENIZER_DIR = "tokenizer"
 GENERATOR_DIR = "generator"
 LIVE_SUFFIX = "-live"
@@ -49,10 +50,15 @@ RunKind = Literal["tokenizer", "class", "text"]
 # ---------------------------------------------------------------------- saved models
 
 
+def checkpoint_path(run_dir: str | Path) -> Path:
+    """The run's latest training checkpoint (what `gear resume` continues and a later stage's discriminator reads)."""
+    return Path(run_dir) / CHECKPOINT_DIR / CHECKPOINT_NAME
+
+
 def model_dir(path: str | Path, kind: str, ema: bool = True) -> Path:
     """A saved model directory, given either that directory or a run directory that holds one (a local path, or a Hub
     reference ``hf://OWNER/REPO[@REVISION][/FOLDER]`` fetched into the Hugging Face cache)."""
-    path = Path(hub.resolve(path))
+    path = Path(resolve(path))
     if (path / CONFIG_NAME).is_file():
         return path
     sub = path / (kind if ema else kind + LIVE_SUFFIX)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gear.models import magvit2
-from gear.models.pretrained import Pretrained
+from gear.models.pretrained import Pretrained, preset_name
 from gear.models.quantizers import QUANTIZERS, QuantizerOutput, build_quantizer
 
 
@@ -229,6 +229,9 @@ class Tokenizer(nn.Module, Pretrained):
 
     config_class = TokenizerConfig
     kind = "tokenizer"
+
+    def preset(self) -> str | None:
+        return preset_name(self.config, TOKENIZER_PRESETS)
 
     def __init__(self, config: TokenizerConfig):
         super().__init__()

@@ -9,7 +9,7 @@ thing: sample images as an evaluator's npz.)
   with ``live=True``, or a model directory's only set. The names are LlamaGen's own (this project's conv backbone
   and GPT use them); ``freqs_cis`` is not stored, LlamaGen recomputes it.
 - ``gear``: one file as GEAR's ``train_gear.py`` checkpoints: ``vq`` (live) and ``vq_ema``, ``discriminator`` (a
-  run's, from ``checkpoints/last.pt``), ``ar`` and ``ema`` when there is a generator, and ``args`` with the
+  run's, from ``checkpoints/last.pt``, read by gear.models.released.read_discriminator as a joint stage reads it), ``ar`` and ``ema`` when there is a generator, and ``args`` with the
   architecture facts GEAR's ``src/inference.py`` reads. Tokenizer names are GEAR's models': LlamaGen's for VQ
   (without the usage buffer ``quantize.codebook_used``), Open-MAGVIT2's for LFQ, taming's for IBQ. A model
   directory holds one weight set, written under both ``vq`` and ``vq_ema`` (``ar`` and ``ema``).
@@ -27,18 +27,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gear.files import atomic_write, load_tensors, save_tensors
+from gear.files import atomic_write, save_tensors
 from gear.hub import resolve
 from gear.models.autoencoder import TOKENIZER_PRESETS, Tokenizer, TokenizerConfig
 from gear.models.gpt import GPT, GPTConfig
 from gear.models.pretrained import CONFIG_NAME
-from gear.models.released import conv_to_taming, is_released_file
+from gear.models.released import DiscriminatorWeights, conv_to_taming, is_released_file, read_discriminator
 
 FORMATS = ("llamagen", "gear")
 LLAMAGEN_TOKENIZER = "tokenizer.pt"
 LLAMAGEN_GENERATOR = "generator.pt"
 USAGE_BUFFER = "quantize.codebook_used"    # LlamaGen's VQ carries it (show_usage); GEAR's VQ model has none
-RUN_CHECKPOINT = Path("checkpoints") / "last.pt"
 ANCHOR_GROUPS = 32                          # LlamaGen's, taming's and Open-MAGVIT2's GroupNorm(32, ...)
 # Fields that decide a tokenizer's parameter shapes (the others are loss settings).
 ARCH_FIELDS = ("quantizer", "backbone", "codebook_size", "codebook_dim", "base_channels", "channel_mult",
@@ -57,7 +56,7 @@ class Source:
     tokenizer_live: Tokenizer | None = None
     generator: GPT | None = None
     generator_live: GPT | None = None
-    discriminator: dict[str, Tensor] | None = None
+    discriminator: DiscriminatorWeights | None = None
     is_run: bool = False
 
 
@@ -104,11 +103,7 @@ def read_source(source: str | Path) -> Source:
     if out.tokenizer is None and out.generator is None:
         raise FileNotFoundError(f"{source} holds no saved tokenizer or generator (expected config.json, or a run "
                                 "directory's tokenizer/ or generator/)")
-    ckpt = path / RUN_CHECKPOINT
-    if ckpt.is_file():
-        modules = load_tensors(ckpt, "checkpoint").get("modules", {})
-        disc = modules.get("discriminator")
-        out.discriminator = {k.removeprefix("module."): v for k, v in disc.items()} if disc else None
+    out.discriminator = read_discriminator(path)
     return out
 
 
@@ -238,8 +233,8 @@ def _export_gear(src: Source, out: Path) -> Exported:
         held.append(f"{src.tokenizer.config.quantizer.upper()} tokenizer (vq, vq_ema"
                     + (")" if src.tokenizer_live is not None else ": the same one weight set)"))
     if src.discriminator is not None:
-        payload["discriminator"] = src.discriminator
-        held.append(f"discriminator ({src.name}/{RUN_CHECKPOINT})")
+        payload["discriminator"] = src.discriminator.state
+        held.append(f"discriminator ({src.discriminator.detail})")
     elif src.tokenizer is not None:
         held.append("no discriminator (the source has none: GEAR's joint stage needs one)")
     if src.generator is not None:

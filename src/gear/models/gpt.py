@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gear.models.generators import generator_class, register_generator
-from gear.models.pretrained import Pretrained, read_config
+from gear.models.pretrained import Pretrained, preset_name, read_config
 from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache, generate
 from gear.models.soft import SparseSoft
 
@@ -216,6 +216,9 @@ class LabelEmbedding(nn.Module):
 class GPT(nn.Module, Pretrained):
     config_class = GPTConfig
     kind = "generator"
+
+    def preset(self) -> str | None:
+        return preset_name(self.config, GPT_PRESETS)
 
     def __init__(self, config: GPTConfig):
         super().__init__()

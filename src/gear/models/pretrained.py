@@ -54,13 +54,17 @@ class Pretrained:
     config_class: ClassVar[type]
     kind: ClassVar[str]
 
+    def preset(self) -> str | None:
+        """The name of the preset this model's config is exactly (for its model card); None for a custom one."""
+        return None
+
     def save_pretrained(self, directory: str | os.PathLike, origin: ModelOrigin | None = None) -> Path:
         """Write config.json, model.safetensors and the model card README.md (with ``origin`` when given)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"kind": self.kind, "config": dataclasses.asdict(self.config)}
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        card = model_card(self.kind, self.config, sum(p.numel() for p in self.parameters()), origin)
+        card = model_card(self.kind, self.config, sum(p.numel() for p in self.parameters()), origin, self.preset())
         atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(payload, indent=2)))
         atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p))
         atomic_write(directory / CARD_NAME, lambda p: Path(p).write_text(card, encoding="utf-8"))
@@ -115,22 +119,19 @@ def preset_name(config: Any, presets: dict[str, Any]) -> str | None:
     return next((name for name, preset in presets.items() if preset == config), None)
 
 
-def model_card(kind: str, config: Any, num_params: int, origin: ModelOrigin | None = None) -> str:
+def model_card(kind: str, config: Any, num_params: int, origin: ModelOrigin | None = None,
+               preset: str | None = None) -> str:
     """The README.md of a model directory: Hub metadata (YAML front matter) and what is known at save time."""
     from huggingface_hub import ModelCardData
 
     origin = origin or ModelOrigin()
     if kind == "tokenizer":
-        from gear.models.autoencoder import TOKENIZER_PRESETS as presets
-
         tags = ["image-tokenizer", f"{config.quantizer}-tokenizer"]
         what = (f"a {config.quantizer.upper()} image tokenizer ({config.backbone} backbone, {config.codebook_size} codes, "
                 f"downsample {2 ** (len(config.channel_mult) - 1)})")
         load = "tok = gear.load_tokenizer({where}\ncodes = tok.encode(images)  # images in [-1, 1], (B, 3, H, W)"
         pipeline = None
     else:
-        from gear.models.gpt import GPT_PRESETS as presets
-
         text = config.condition == "text"
         tags = ["autoregressive-image-generation", "text-to-image" if text else "class-conditional"]
         what = (f"an autoregressive image generator ({config.n_layer} layers, dim {config.dim}, {config.vocab_size}-code "
@@ -138,7 +139,6 @@ def model_card(kind: str, config: Any, num_params: int, origin: ModelOrigin | No
                 + ("text-conditioned)" if text else f"{config.num_classes} classes)"))
         load = "gpt = gear.load_generator({where}\ntokens = gpt.generate(labels, cfg_scale=1.5, seed=0)"
         pipeline = "text-to-image" if text else None
-    preset = preset_name(config, presets)
     stage = origin.stage
     meta = ModelCardData(library_name=LIBRARY_NAME, tags=["gear", *tags, *([f"stage-{stage}"] if stage else [])],
                          pipeline_tag=pipeline)

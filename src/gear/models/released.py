@@ -16,6 +16,11 @@ Renaming: IBQ files use taming's names (``encoder.down.{i}.block.{j}``, ``encode
 names (``encoder.conv_blocks.{i}.res.{j}``, ``encoder.mid.0``, ``decoder.conv_blocks.{levels-1-i}``).
 Open-MAGVIT2 and LlamaGen names are this project's own; ``conv_to_taming`` is the way back (gear.models.export).
 
+The discriminator a GEAR file or a run directory carries (``read_discriminator``) is read here too: GEAR's
+``{vq,lfq,ibq}-with-gan.pt`` (its warm-up) and its trainers' checkpoints hold it under ``discriminator``, taming's
+NLayerDiscriminator with the same names and shapes (``main.N.*``) as gear.losses.discriminator's PatchGAN; a run
+directory of this project holds it in ``checkpoints/last.pt`` (``modules.discriminator``).
+
 A file may be named by a Hub reference (``hf://BinLin203/GEAR-VQ/gear-vq.pt``; gear.hub), fetched into the
 Hugging Face cache; nothing is fetched for a local path.
 """
@@ -28,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -38,6 +42,7 @@ from gear.files import load_tensors
 from gear.hub import resolve
 from gear.models.autoencoder import Tokenizer, build_tokenizer
 from gear.models.gpt import GPT, build_generator
+from gear.run import checkpoint_path
 
 RELEASED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -65,6 +70,18 @@ class ReleasedWeights:
     def describe(self) -> str:
         skipped = f", {self.skipped} training-only keys skipped" if self.skipped else ""
         return f"{self.layout}; took the {self.source}{skipped}"
+
+
+@dataclass(frozen=True)
+class DiscriminatorWeights:
+    """A PatchGAN's weights (this project's, or GEAR's NLayerDiscriminator: the same names) and where they are from."""
+
+    state: dict[str, Tensor]
+    source: str   # the run directory or file, as named (a Hub reference stays one)
+    detail: str   # where in it: "checkpoints/last.pt, step 500" | "its 'discriminator'"
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.detail})"
 
 
 def is_released_file(path: str | Path) -> bool:
@@ -109,6 +126,45 @@ def extract(content: Any, kind: str, ema: bool = True, levels: int | None = None
     return ReleasedWeights(kept, layout, source, skipped, frozenset(shadowed))
 
 
+def read_discriminator(source: str | Path) -> DiscriminatorWeights | None:
+    """The discriminator that ``source`` holds: a run directory's (``checkpoints/last.pt``, ``modules.discriminator``)
+    or a checkpoint file's ``discriminator`` (GEAR's layout, as `gear export --format gear` writes it too); None when
+    it holds none (a model directory, a released file without one, a run trained without the GAN term). Its
+    optimizer state is never read."""
+    path = Path(resolve(source))
+    if path.is_dir():
+        ckpt = checkpoint_path(path)
+        if not ckpt.is_file():
+            return None
+        payload = load_tensors(ckpt, "checkpoint")
+        modules = payload.get("modules") if isinstance(payload, dict) else None
+        state = modules.get("discriminator") if isinstance(modules, dict) else None
+        detail = f"{ckpt.relative_to(path)}, step {payload.get('step')}" if isinstance(payload, dict) else ""
+    else:
+        content = read_checkpoint(path)
+        state = content.get("discriminator") if isinstance(content, dict) else None
+        detail = "its 'discriminator'"
+    if not isinstance(state, dict) or not state:
+        return None
+    try:
+        state, _ = _strip_wrappers(state)  # GEAR's trainers save from DDP
+    except ValueError as err:
+        raise ValueError(f"{source}: the discriminator {err}") from None
+    return DiscriminatorWeights(state, str(source), detail)
+
+
+def mismatches(expected: dict[str, Tensor], state: dict[str, Tensor]) -> str:
+    """The keys of ``state`` that keep it from loading strictly into a model whose state dict is ``expected``
+    ("" when it fits): the first few missing, unexpected and mis-shaped ones, on one line."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and state[k].shape != v.shape]
+    return "; ".join(f"{name} {len(keys)}: {', '.join(keys[:SHOWN])}{', ...' if len(keys) > SHOWN else ''}"
+                     for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                     if keys)
+
+
 def released_tokenizer(path: str | Path, preset: str, ema: bool = True, **overrides) -> tuple[Tokenizer, ReleasedWeights]:
     """A tokenizer of ``preset`` (with TokenizerConfig ``overrides``) holding a released file's weights."""
     content = read_checkpoint(path)  # a missing, truncated or unsafe file fails before anything is built
@@ -139,15 +195,10 @@ def load_into(model: nn.Module, content: Any, path: str | Path, kind: str, prese
     for key in OPTIONAL_KEYS:
         if key in expected and key not in state:
             state[key] = expected[key]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state and state[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        parts = [f"{name} {len(keys)}: {', '.join(keys[:SHOWN])}{', ...' if len(keys) > SHOWN else ''}"
-                 for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
+    wrong = mismatches(expected, state)
+    if wrong:
         raise ValueError(
-            f"{path} ({weights.layout}) does not fit {kind} preset {preset!r}: {'; '.join(parts)}{_guess(state)}; "
+            f"{path} ({weights.layout}) does not fit {kind} preset {preset!r}: {wrong}{_guess(state)}; "
             "choose the preset (and key=value overrides) of the file's architecture"
         )
     if weights.shadowed:  # LitEma shadows every trainable parameter; buffers stay live

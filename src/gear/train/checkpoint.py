@@ -22,23 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from gear.files import UnsafeFileError, atomic_write, fsync_dir, load_tensors, save_tensors
+from gear.run import CHECKPOINT_DIR, checkpoint_path
 
-CHECKPOINT_NAME = "last.pt"
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 FORMAT_VERSION = 1
 
 
-def checkpoint_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints" / CHECKPOINT_NAME
-
-
 def step_checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:07d}.pt"
+    return Path(run_dir) / CHECKPOINT_DIR / f"step_{step:07d}.pt"
 
 
 def step_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """The step-numbered checkpoints of a run, newest first."""
-    folder = Path(run_dir) / "checkpoints"
+    folder = Path(run_dir) / CHECKPOINT_DIR
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := STEP_PATTERN.match(name))]

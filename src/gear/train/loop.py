@@ -24,13 +24,14 @@ from gear.train import checkpoint as ckpt
 from gear.train import previews, sharding
 from gear.train.bad_data import BadSampleLog
 from gear.train.batches import StepBatch, batch_stream, restore_stream_state, stream_state
+from gear.train.build import FRESH, discriminator_start
 from gear.train.code_store import CodeStore
 from gear.train.distributed import DistEnv, any_process, barrier, setup_distributed
 from gear.train.ema import EMA
 from gear.train.guard import Diverged, RunStopped, StepGuard, Verdict, first_non_finite_tensor
 from gear.train.preemption import StopSignals
 from gear.train.stage import (autocast, build_modules, build_optimizers, micro_batch, set_learning_rates, tap_layer,
-                              trained_modules, uses_bf16)
+                              trained_modules, trains_discriminator, uses_bf16)
 from gear.train.parallel import no_sync, shard_generator, wrap_for_processes
 from gear.train.steps import STEPS, StepConfig, apply_all, ar_step_on_codes
 from gear.train.targets import TeacherTargets
@@ -78,8 +79,14 @@ class Trainer:
                              "or choose another train.out_dir")
         # a resumed ar run keeps the frozen tokenizer it started with, not whatever model.tokenizer_init holds today
         tokenizer = Tokenizer.from_pretrained(model_dir(self.run_dir, TOKENIZER_DIR)) if resume and self.stage == "ar" else None
+        # the discriminator starts from model.tokenizer_init's or model.discriminator_init's (a resumed run: its own)
+        start = discriminator_start(cfg) if trains_discriminator(cfg) and not resume else None
+        self.discriminator_source = start.source if start is not None else FRESH  # a resume reads its checkpoint's
         self.m = build_modules(cfg, self.num_classes, self.device, null=self.text.null if self.text is not None else None,
-                               tokenizer=tokenizer, distributed=self.env.distributed)
+                               tokenizer=tokenizer, distributed=self.env.distributed,
+                               discriminator=start.weights if start is not None else None)
+        if start is not None and start.note and self.env.is_main:  # said once it fits
+            print(start.note, file=sys.stderr)
         self.tap_layer = tap_layer(cfg, self.m.generator.config.n_layer) if self.m.generator is not None else 0
         self.grid = cfg.data.image_size // self.m.tokenizer.downsample
         self.code_store = (CodeStore(cfg.data.code_store, self.dataset, cfg.data, self.m.tokenizer, self.m.teacher,
@@ -318,7 +325,11 @@ class Trainer:
         if self.env.is_main:
             write_summary(self.run_dir, {"stage": self.stage, "step": summary.step, "seconds": round(summary.seconds, 1),
                                          "skipped_steps": self.guard.skipped, "skipped_samples": self.bad_data.count,
-                                         **summary.metrics})
+                                         **self._discriminator_summary(), **summary.metrics})
+
+    def _discriminator_summary(self) -> dict[str, str]:
+        """Where the discriminator started: "fresh", or the run directory or file its weights came from."""
+        return {"discriminator": self.discriminator_source} if self.m.discriminator is not None else {}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -337,6 +348,8 @@ class Trainer:
             "guard": {**self.guard.state_dict(), "skipped_samples": self.bad_data.count},
             "data": stream_state(self.dataset),  # where each shard reader is (collective; {} for other data)
         }
+        if self.discriminator_source != FRESH:  # absent: fresh (as in every checkpoint written before this key)
+            payload["discriminator_init"] = self.discriminator_source
         failure: RunStopped | None = None
         if keep:
             try:
@@ -394,3 +407,8 @@ class Trainer:
             raise ValueError(f"the checkpoint does not match this config ({first}); resume with the run's own "
                              "config.yaml") from None
         self.step = self.saved_step = int(payload["step"])
+        if self.m.discriminator is not None:
+            self.discriminator_source = str(payload.get("discriminator_init", FRESH))
+            if self.discriminator_source != FRESH and self.env.is_main:  # not the source's again
+                print(f"discriminator: the run's own, from its checkpoint (step {self.step}; it started from "
+                      f"{self.discriminator_source})", file=sys.stderr)

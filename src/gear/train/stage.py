@@ -24,7 +24,8 @@ from gear.losses.discriminator import PatchGANDiscriminator
 from gear.losses.perceptual import build_perceptual_loss
 from gear.models.autoencoder import Tokenizer
 from gear.models.gpt_t2i import TextCondition
-from gear.train.build import generator_from_config, tokenizer_from_config
+from gear.models.released import DiscriminatorWeights
+from gear.train.build import generator_from_config, load_discriminator, tokenizer_from_config
 from gear.train.steps import DiscriminatorHinge, Modules, Updater, adamw
 
 TOKENIZER_STAGES = ("tokenizer", "joint")   # the stages that train the tokenizer
@@ -70,9 +71,15 @@ def micro_batch(cfg: Config, world_size: int) -> int:
     return local // t.grad_accum_steps
 
 
+def trains_discriminator(cfg: Config) -> bool:
+    """Whether the stage builds (and trains) a PatchGAN: a tokenizer-training stage with loss.gan_weight > 0."""
+    return cfg.train.stage in TOKENIZER_STAGES and cfg.loss.gan_weight > 0
+
+
 def build_modules(cfg: Config, num_classes: int, device: torch.device | str = "cpu", *,
                   null: TextCondition | None = None, tokenizer: Tokenizer | None = None, target_dim: int = 0,
-                  perceptual: bool = True, distributed: bool = False) -> Modules:
+                  perceptual: bool = True, distributed: bool = False,
+                  discriminator: DiscriminatorWeights | None = None) -> Modules:
     """The modules of ``cfg.train.stage``, seeded by the caller, built in a fixed order (tokenizer, generator,
     teacher, projector, perceptual network, discriminator) so that one seed gives one set of weights.
 
@@ -80,7 +87,9 @@ def build_modules(cfg: Config, num_classes: int, device: torch.device | str = "c
     the config's (a resumed ar run keeps the tokenizer it started with). ``target_dim``: the alignment target's
     width when it does not come from the config's teacher (a benchmark's random target, the dry run); no teacher
     is built then. ``perceptual=False`` leaves the perceptual network out (the dry run: its weights stay on disk).
-    ``distributed``: the discriminator's batch norm syncs over processes (CUDA only)."""
+    ``distributed``: the discriminator's batch norm syncs over processes (CUDA only). ``discriminator``: weights
+    the PatchGAN starts from (``build.discriminator_start``; the trainer's choice, a resume passes none), loaded over
+    the fresh one so that every other module's initial weights stay those of the seed."""
     stage, dev = cfg.train.stage, torch.device(device)
     tokenizer = (tokenizer if tokenizer is not None else tokenizer_from_config(cfg)).to(dev)
     m = Modules(tokenizer=tokenizer)
@@ -96,8 +105,10 @@ def build_modules(cfg: Config, num_classes: int, device: torch.device | str = "c
             m.perceptual = build_perceptual_loss(
                 cfg.loss.perceptual, vgg_path=cfg.loss.lpips_vgg_path or None, lpips_path=cfg.loss.lpips_heads_path or None
             ).to(dev)
-        if cfg.loss.gan_weight > 0:
+        if trains_discriminator(cfg):
             m.discriminator = PatchGANDiscriminator(channels=cfg.loss.disc_channels, n_layers=cfg.loss.disc_layers).to(dev)
+            if discriminator is not None:  # before the conversion below, which copies weights and statistics over
+                load_discriminator(m.discriminator, discriminator, cfg.loss)
             if distributed and dev.type == "cuda":  # SyncBatchNorm is CUDA-only; on CPU, per-process stats
                 m.discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(m.discriminator)
             m.discriminator_loss = DiscriminatorHinge(m.discriminator)
