@@ -331,7 +331,8 @@ def _config_overrides(items: list[str], config_class: type) -> dict:
 def cmd_serve(args: argparse.Namespace) -> None:
     from gear.serve import serve
 
-    serve(args.run_dir, host=args.host, port=args.port, device=args.device)
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device, auth_file=args.auth_file,
+          no_auth=args.no_auth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,10 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gear.serve import DEFAULT_HOST, DEFAULT_PORT
 
-    s = sub.add_parser("serve", help="a local web page to explore a run: sample, reconstruct, training curves")
+    s = sub.add_parser("serve", help="a local web page to explore a run: sample, edit, reconstruct, training curves")
     s.add_argument("run_dir")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
-    s.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: this machine only)")
+    s.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: this machine only); any other "
+                   "than loopback needs --auth-file or --no-auth")
+    s.add_argument("--auth-file", default=None, help="a file of user:password lines: the page asks for one of these logins")
+    s.add_argument("--no-auth", action="store_true", help="serve beyond loopback without a login (anyone who reaches "
+                   "the port can use the page)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_serve)
     return p

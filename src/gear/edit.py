@@ -238,6 +238,30 @@ def read_image(path: str | Path) -> Image.Image:
         raise ValueError(f"{path.name} is not an image gear can read: give a PNG, JPEG, WebP, BMP or GIF file") from None
 
 
+@dataclass
+class EditPlan:
+    """What an edit keeps, before anything is sampled."""
+
+    original: Tensor      # (3, S, S) in [-1, 1]: the input as the tokenizer sees it
+    canvas: Tensor        # (3, S, S): the input where its tokens are kept (shifted when outpainting), grey elsewhere
+    known: KnownTokens    # (h, w): the kept tokens (shifted) and their mask
+
+
+@torch.no_grad()
+def plan_edit(image: str | Path | Image.Image, tokenizer: Tokenizer, grid_size: int, region: Region) -> EditPlan:
+    """Encode ``image`` as the tokenizer sees it and lay ``region`` over its token grid (the page's preview)."""
+    pil = image if isinstance(image, Image.Image) else read_image(image)
+    size = grid_size * tokenizer.downsample
+    keep = region.mask(grid_size, pil.size, size)
+    original = square_view(pil, size)
+    device = next(tokenizer.parameters()).device
+    encoded = tokenizer.encode(original.unsqueeze(0).to(device))[0].cpu()
+    kept_px = keep.repeat_interleave(tokenizer.downsample, 0).repeat_interleave(tokenizer.downsample, 1)
+    shifted = region.shift(original, tokenizer.downsample)
+    canvas = torch.where(kept_px, shifted, torch.full_like(shifted, MASK_GREY))
+    return EditPlan(original=original, canvas=canvas, known=KnownTokens(region.shift(encoded), keep))
+
+
 @torch.no_grad()
 def edit(image: str | Path | Image.Image, tokenizer: Tokenizer, generator: GPT | TextToImage, settings: EditSettings,
          on_token: Callable[[int, int], None] | None = None) -> Edit:
@@ -248,16 +272,10 @@ def edit(image: str | Path | Image.Image, tokenizer: Tokenizer, generator: GPT |
     pipe = None if isinstance(generator, torch.nn.Module) else generator
     gen = generator if pipe is None else pipe.generator
     settings.check(gen)
-    pil = image if isinstance(image, Image.Image) else read_image(image)
-    grid = gen.config.grid_size
-    size = grid * tokenizer.downsample
-    keep = settings.region.mask(grid, pil.size, size)
+    plan = plan_edit(image, tokenizer, gen.config.grid_size, settings.region)
     device = gen.tok_embeddings.weight.device
-    original = square_view(pil, size)
-    encoded = tokenizer.encode(original.unsqueeze(0).to(device))[0].cpu()
-    known = KnownTokens(settings.region.shift(encoded), keep)
     sampling = dict(cfg_scale=settings.cfg_scale, temperature=settings.temperature, top_k=settings.top_k,
-                    top_p=settings.top_p, seed=settings.seed, on_token=on_token, known=known)
+                    top_p=settings.top_p, seed=settings.seed, on_token=on_token, known=plan.known)
     if pipe is not None:
         order = torch.arange(settings.rows).repeat_interleave(settings.per_class)
         tokens = gen.generate(pipe.encode(list(settings.prompts)).select(order), **sampling)
@@ -267,11 +285,8 @@ def edit(image: str | Path | Image.Image, tokenizer: Tokenizer, generator: GPT |
         tokens = gen.generate(classes, **sampling)
         labels = [str(c) for c in settings.classes]
     images = tokenizer.decode(tokens).float().cpu()
-    kept_px = keep.repeat_interleave(tokenizer.downsample, 0).repeat_interleave(tokenizer.downsample, 1)
-    shifted = settings.region.shift(original, tokenizer.downsample)
-    canvas = torch.where(kept_px, shifted, torch.full_like(shifted, MASK_GREY))
-    return Edit(original=original, canvas=canvas, known=known, tokens=tokens.cpu(), images=images, labels=labels,
-                per_row=settings.per_class, text=pipe is not None)
+    return Edit(original=plan.original, canvas=plan.canvas, known=plan.known, tokens=tokens.cpu(), images=images,
+                labels=labels, per_row=settings.per_class, text=pipe is not None)
 
 
 def save_edit_grid(result: Edit, out: str | Path) -> Path:
