@@ -322,3 +322,28 @@ def test_gear_edit_writes_the_grid_and_refuses_bad_input_in_one_line(ar_run, pho
     assert err == "gear edit: error: broken.jpg is not an image gear can read: give a PNG, JPEG, WebP, BMP or GIF file\n"
     assert main(["edit", str(ar_run), str(photo), "--classes", "1"]) == 2
     assert "choose one region" in capsys.readouterr().err
+
+
+@pytestmark_data
+def test_the_completion_benchmark_runs_end_to_end(pair):
+    """benchmarks/edit_completion.py on tiny random models and an untrained classifier: every number comes out."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from gear.data import DataConfig
+    from gear.eval.classifier import Classifier, ClassifierConfig
+    from gear.eval.runs import ReferenceClassifier
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    bench = importlib.import_module("edit_completion")
+    tok, gen = pair
+    torch.manual_seed(0)
+    classifier = ReferenceClassifier(Classifier(ClassifierConfig()).eval(), test_accuracy=0.5)
+    m = bench.completion_metrics(tok, gen, DataConfig(name="fashion-mnist", image_size=32), classifier, num=6,
+                                 cfg_scale=1.5, seed=0, batch_size=4, device="cpu")
+    assert m["num"] == 6 and m["kept"] == "top 4 of 8 token rows"
+    for key in ("acc_original", "acc_completion_true_class", "acc_completion_other_class_as_other"):
+        assert 0.0 <= m[key] <= 1.0
+    assert 0 < m["psnr_top_half_completion_true_class"] < 100
+    assert "| completions, another class |" in bench.table(m)

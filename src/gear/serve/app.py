@@ -213,10 +213,12 @@ def _edit_tab(explorer: RunExplorer) -> None:
                 kind = gr.Radio(list(REGIONS), value="keep top", label="Region", elem_id="edit-region")
                 count = gr.Slider(1, grid_size - 1, value=grid_size // 2, step=1,
                                   label="Token rows / columns kept (keep) or added (outpaint)", elem_id="edit-count")
-                with gr.Row():
-                    corners = [gr.Slider(0, size, value=v, step=1, label=name, elem_id=f"edit-{name.lower()}", min_width=60)
-                               for name, v in (("X0", size // 4), ("Y0", size // 4), ("X1", 3 * size // 4),
-                                               ("Y1", 3 * size // 4))]
+                gr.Markdown("Inpaint: the rectangle to generate, in pixels of the input image")
+                corners = []
+                for pair in ((("X0", size // 4), ("Y0", size // 4)), (("X1", 3 * size // 4), ("Y1", 3 * size // 4))):
+                    with gr.Row():
+                        corners += [gr.Slider(0, size, value=v, step=1, label=name, elem_id=f"edit-{name.lower()}",
+                                              min_width=120) for name, v in pair]
                 prefix_only = gr.Checkbox(False, label="Prefix only: also resample the kept tokens after the first "
                                           "generated one (raster order never sees them)", elem_id="edit-prefix-only")
                 if text:
