@@ -209,6 +209,22 @@ def test_a_text_run_samples_prompts_as_its_gear_sample_command_does(t2i_runs, tm
     with pytest.raises(ValueError, match="is text-conditioned: write prompts"):
         explorer.sample(SampleSettings(classes=(0,)))
 
+    from gear.serve.app import edit_settings_from_page, region_from_page
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(4).random((32, 32, 3)) * 255).astype(np.uint8)).save(photo)
+    edit_settings = edit_settings_from_page(region_from_page("outpaint right", 3, 0, 0, 1, 1, False),
+                                            "a long dark coat\na bright bag", 2, 3.0, 1.0, 0, 1.0, 1, text=True)
+    edited = explorer.edit(photo, edit_settings)
+    argv = shlex.split(edited.command)
+    assert argv[4:10] == ["--outpaint", "right:3", "--prompt", "a long dark coat", "--prompt", "a bright bag"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "edit-cli.png")
+    assert main(argv[1:]) == 0
+    assert np.array_equal(pixels(edited.path), pixels(tmp_path / "edit-cli.png"))
+    with pytest.raises(ValueError, match="text-conditioned: describe the result with prompts, not classes"):
+        explorer.edit(photo, edit_settings_from_page(region_from_page("keep top", 4, 0, 0, 1, 1, False), [1], 1, 1.0,
+                                                     1.0, 0, 1.0, 0, text=False))
+
     demo = build_app(explorer)
     port = free_port()
     launch(demo, "127.0.0.1", port)

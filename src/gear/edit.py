@@ -50,9 +50,9 @@ class Region:
 
     mode: str                                   # keep | inpaint | outpaint
     side: str = ""                              # keep: top | left; outpaint: down | right
-    count: int = 0                              # keep: token rows/columns kept (a percentage when ``percent``); outpaint: added
-    percent: bool = False
-    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # inpaint: X0, Y0, X1, Y1 in pixels of the input image, X1/Y1 exclusive
+    count: int = 0                              # keep: token rows/columns kept; outpaint: added
+    percent: bool = False                       # keep: count is a percentage of the rows/columns
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # inpaint: X0, Y0, X1, Y1, pixels of the input image (X1, Y1 excluded)
     prefix_only: bool = False                   # keep only the tokens before the first generated one (raster order)
 
     def args(self) -> list[str]:
