@@ -28,6 +28,7 @@ def argv(tmp_path_factory):
     Image.new("RGB", (28, 28), (120, 30, 200)).save(image)
     return {
         "sample": [["sample", str(ar), "--out", str(root / "s.png")]],
+        "edit": [["edit", str(ar), str(image), "--keep", "top:4", "--classes", "1", "--out", str(root / "e.png")]],
         "reconstruct": [["reconstruct", str(tok), str(image), "--out", str(root / "rec")]],
         "eval": [*(["eval", what, str(ar), "--num", "2"] for what in ("gen", "recon", "t2i")),
                  ["eval", "adm", str(root / "samples.npz"), "--ref", str(root / "ref.npz")]],

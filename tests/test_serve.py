@@ -152,6 +152,19 @@ def test_the_running_page_samples_and_reports_bad_input(runs, explorer, tmp_path
             client.predict(handle_file(str(bad)), api_name="/reconstruct")
         with pytest.raises(Exception, match="pick at least one class"):
             client.predict([], 2, 1.5, 1.0, 0, 1.0, 7, api_name="/generate")
+        photo = tmp_path / "photo.png"
+        Image.fromarray((np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8)).save(photo)
+        edited, command, _ = client.predict(handle_file(str(photo)), "keep top", 4, 0, 0, 1, 1, False, [3, 4], 2, 1.5,
+                                            1.0, 0, 1.0, 7, api_name="/edit")
+        assert "--keep top:4 --classes 3,4 --num 2" in command
+        from gear.edit import EditSettings, parse_region
+
+        expected = explorer.edit(photo, EditSettings(region=parse_region(keep="top:4"), classes=(3, 4), per_class=2,
+                                                     seed=7))
+        assert np.array_equal(pixels(edited), pixels(expected.path))
+        with pytest.raises(Exception, match="covers the whole token grid"):
+            client.predict(handle_file(str(photo)), "inpaint", 4, 0, 0, 32, 32, False, [3], 1, 1.5, 1.0, 0, 1.0, 7,
+                           api_name="/edit")
         summary, losses, *_ = client.predict(api_name="/curves")  # the page still answers after errors
         assert "ar/loss" in summary
     finally:
@@ -196,6 +209,22 @@ def test_a_text_run_samples_prompts_as_its_gear_sample_command_does(t2i_runs, tm
     with pytest.raises(ValueError, match="is text-conditioned: write prompts"):
         explorer.sample(SampleSettings(classes=(0,)))
 
+    from gear.serve.app import edit_settings_from_page, region_from_page
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(4).random((32, 32, 3)) * 255).astype(np.uint8)).save(photo)
+    edit_settings = edit_settings_from_page(region_from_page("outpaint right", 3, 0, 0, 1, 1, False),
+                                            "a long dark coat\na bright bag", 2, 3.0, 1.0, 0, 1.0, 1, text=True)
+    edited = explorer.edit(photo, edit_settings)
+    argv = shlex.split(edited.command)
+    assert argv[4:10] == ["--outpaint", "right:3", "--prompt", "a long dark coat", "--prompt", "a bright bag"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "edit-cli.png")
+    assert main(argv[1:]) == 0
+    assert np.array_equal(pixels(edited.path), pixels(tmp_path / "edit-cli.png"))
+    with pytest.raises(ValueError, match="text-conditioned: describe the result with prompts, not classes"):
+        explorer.edit(photo, edit_settings_from_page(region_from_page("keep top", 4, 0, 0, 1, 1, False), [1], 1, 1.0,
+                                                     1.0, 0, 1.0, 0, text=False))
+
     demo = build_app(explorer)
     port = free_port()
     launch(demo, "127.0.0.1", port)
@@ -229,3 +258,107 @@ def test_cli_errors_are_one_line(runs, tmp_path, capsys):
         assert main(["serve", str(run), "--port", str(free_port())]) == 2
         err = capsys.readouterr().err
         assert err.startswith("gear serve: error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_page_edit_grid_is_what_its_gear_edit_command_writes(explorer, tmp_path):
+    from gear.serve.app import edit_settings_from_page, region_from_page
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(1).random((36, 30, 3)) * 255).astype(np.uint8)).save(photo)
+    region = region_from_page("inpaint", 4, 8, 10, 20, 24, False)
+    assert region.args() == ["--inpaint", "8,10,20,24"]
+    preview = explorer.edit_preview(photo, region)
+    assert preview.kept.shape == (8, 8) and 0 < preview.kept.sum() < 64
+    settings = edit_settings_from_page(region, [2, 5], 3, 2.0, 0.9, 40, 0.95, 8, text=False)
+    steps = []
+    result = explorer.edit(photo, settings, on_token=lambda done, total: steps.append(done))
+    assert steps == list(range(1, 65)) and result.num_images == 6
+    argv = shlex.split(result.command)
+    assert argv[:6] == ["gear", "edit", explorer.run_dir, str(photo), "--inpaint", "8,10,20,24"]
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    assert main(argv[1:]) == 0
+    page, cli = pixels(result.path), pixels(tmp_path / "cli.png")
+    assert page.shape == (2 * 34 + 2, 5 * 34 + 2, 3) and np.array_equal(page, cli)
+    assert np.array_equal(page[2:34, 36:68], preview.mask)  # the mask tile is the preview's
+
+    for kind, count in (("keep left", 3), ("outpaint down", 2)):
+        r = explorer.edit(photo, edit_settings_from_page(region_from_page(kind, count, 0, 0, 1, 1, True), [1], 1, 1.5,
+                                                         1.0, 0, 1.0, 0, text=False))
+        argv = shlex.split(r.command)
+        argv[argv.index("--out") + 1] = str(tmp_path / "cli2.png")
+        assert "--prefix-only" in argv and main(argv[1:]) == 0
+        assert np.array_equal(pixels(r.path), pixels(tmp_path / "cli2.png"))
+
+
+def test_the_edit_tab_takes_an_image_of_the_sample_tab(explorer):
+    fresh = RunExplorer(explorer.run_dir, out_dir=explorer.out_dir)
+    with pytest.raises(ValueError, match="draw a grid on the Sample tab first"):
+        fresh.pick_sample(1)
+    sampled = fresh.sample(SampleSettings(classes=(3, 1), per_class=2, seed=5))
+    picked = pixels(fresh.pick_sample(4))  # row 2, column 2
+    assert picked.shape == (32, 32, 3) and np.array_equal(picked, pixels(sampled.path)[36:68, 36:68])
+    with pytest.raises(ValueError, match="holds images 1..4, not 5"):
+        fresh.pick_sample(5)
+
+
+@pytest.mark.parametrize("host, refused", [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                           ("0.0.0.0", True), ("192.0.2.7", True)])
+def test_a_host_beyond_loopback_needs_a_login(host, refused, tmp_path):
+    from gear.serve import check_login
+
+    if refused:
+        with pytest.raises(ValueError, match=f"--host {host} serves the page beyond this machine: pass --auth-file"):
+            check_login(host, None, False)
+        assert check_login(host, None, True) is None  # --no-auth said explicitly
+    else:
+        assert check_login(host, None, False) is None
+    logins = tmp_path / "logins"
+    logins.write_text("# who may use the page\nann:s3cret:with colon\n\nbob:pw\n")
+    assert check_login(host, str(logins), False) == [("ann", "s3cret:with colon"), ("bob", "pw")]
+    with pytest.raises(ValueError, match="contradict"):
+        check_login(host, str(logins), True)
+
+
+def test_serve_refuses_an_open_host_and_a_bad_auth_file_in_one_line(runs, tmp_path, capsys):
+    port = str(free_port())
+    assert main(["serve", str(runs[1]), "--host", "0.0.0.0", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err == ("gear serve: error: --host 0.0.0.0 serves the page beyond this machine: pass --auth-file FILE "
+                   "(user:password lines) to require a login, or --no-auth to let anyone who reaches the port use it\n")
+    bad = tmp_path / "logins"
+    bad.write_text("ann\n")
+    for argv, message in (([ "--auth-file", str(bad)], "line 1: write user:password"),
+                          (["--auth-file", str(tmp_path / "none")], "no such file")):
+        assert main(["serve", str(runs[1]), "--host", "0.0.0.0", "--port", port, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("gear serve: error: --auth-file") and message in err and err.count("\n") == 1
+
+
+def test_with_a_login_a_request_without_it_gets_no_model_call(explorer, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client
+
+    calls = []
+    generate = explorer.gen.generate
+    monkeypatch.setattr(explorer.gen, "generate", lambda *a, **kw: calls.append(1) or generate(*a, **kw))
+    demo = build_app(explorer)
+    port = free_port()
+    launch(demo, "127.0.0.1", port, auth=[("ann", "s3cret")])
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        body = json.dumps({"data": [[3], 1, 1.5, 1.0, 0, 1.0, 7]}).encode()
+        request = urllib.request.Request(url + "gradio_api/call/generate", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+        with pytest.raises(Exception):
+            Client(url, verbose=False, auth=("ann", "wrong"))
+        assert calls == []
+        grid, command, _ = Client(url, verbose=False, auth=("ann", "s3cret")).predict([3], 1, 1.5, 1.0, 0, 1.0, 7,
+                                                                                     api_name="/generate")
+        assert calls == [1] and "--classes 3" in command
+    finally:
+        demo.close()

@@ -3,7 +3,8 @@
 One visit does what a person would: picks a class, a sample count and a seed, generates, and the grid shown must be
 pixel for pixel what the `gear sample` command shown under it writes; an unreadable upload gets a message and the
 page keeps working; a real upload gets its reconstruction, token map and PSNR; the curves tab plots. Every request
-the browser made must have gone to the local server (the page works offline).
+the browser made must have gone to the local server (the page works offline). A second visit edits one of the
+Sample tab's images on the Edit tab, and the grid shown must be what its `gear edit` command writes.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def set_number(driver, elem_id: str, value) -> None:
     box.send_keys(str(value), Keys.TAB)
 
 
-def pick_one_class(driver, label: str) -> None:
-    classes = driver.find_element(By.ID, "classes")
+def pick_one_class(driver, label: str, elem_id: str = "classes") -> None:
+    classes = driver.find_element(By.ID, elem_id)
     while removes := classes.find_elements(By.CSS_SELECTOR, ".token-remove[title^='Remove']"):
         removes[0].click()
     box = classes.find_element(By.CSS_SELECTOR, "input")
@@ -182,3 +183,50 @@ def test_the_page_in_chromium(server, browser, tmp_path):
     outside = [u for u in urls
                if urlparse(u).scheme in ("http", "https", "ws", "wss") and (urlparse(u).hostname, urlparse(u).port) != ("127.0.0.1", port)]
     assert not outside, f"the page fetched from outside the local server: {outside}"
+
+
+def test_the_edit_tab_in_chromium(server, browser, tmp_path):
+    """Take an image of the Sample tab's grid, keep its left columns, edit it as one class: the grid shown is what
+    the `gear edit` command shown writes; an upload gets its own preview."""
+    run, url = server
+    d = browser
+    d.get(url)
+    wait_for(d, lambda d: d.find_elements(By.ID, "generate"), "the Generate button")
+    set_number(d, "per-class", 2)
+    d.find_element(By.ID, "generate").click()
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#grid img[src]"), "the sample grid")
+
+    d.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Edit')]").click()
+    wait_for(d, lambda d: [b for b in d.find_elements(By.ID, "edit-use-sample") if b.is_displayed()], "the Edit tab")
+    set_number(d, "edit-sample-number", 3)
+    d.find_element(By.ID, "edit-use-sample").click()
+    wait_for(d, text_on_page("32 of 64 tokens kept"), "the preview of the default region (keep the top half)")
+    d.find_element(By.XPATH, "//*[@id='edit-region']//label[contains(., 'keep left')]").click()
+    set_number(d, "edit-count", 3)
+    d.find_element(By.CSS_SELECTOR, "#edit-count input[type=range]").send_keys(Keys.ARROW_RIGHT, Keys.ARROW_LEFT)
+    wait_for(d, text_on_page("24 of 64 tokens kept"), "the preview of keep left:3")
+    assert len(d.find_elements(By.CSS_SELECTOR, "#edit-token-map span.generated")) == 40
+    pick_one_class(d, "3: Dress", elem_id="edit-classes")
+    set_number(d, "edit-num", 2)
+    set_number(d, "edit-seed", 4)
+    d.find_element(By.ID, "edit-generate").click()
+    command = wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#edit-command textarea").get_attribute("value"),
+                       "the gear edit command")
+    assert "--keep left:3 --classes 3 --num 2" in command and "--seed 4" in command
+    img = wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-grid img[src]"), "the edit grid")[0]
+    assert d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) == 4 * 34 + 2
+    shown = np.asarray(Image.open(io.BytesIO(urllib.request.urlopen(img.get_attribute("src"), timeout=30).read())))
+    argv = shlex.split(command)
+    argv[argv.index("--out") + 1] = str(tmp_path / "cli.png")
+    subprocess.run([sys.executable, "-m", "gear.cli", *argv[1:]], check=True, capture_output=True, env=ENV)
+    assert np.array_equal(shown[..., :3], np.asarray(Image.open(tmp_path / "cli.png").convert("RGB")))
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(3).random((40, 48, 3)) * 255).astype(np.uint8)).save(photo)
+    d.find_element(By.CSS_SELECTOR, "#edit-upload button[aria-label='Clear']").click()
+    wait_for(d, lambda d: d.find_elements(By.CSS_SELECTOR, "#edit-upload input[type=file]"), "the upload box")[0].send_keys(str(photo))
+    d.find_element(By.XPATH, "//*[@id='edit-region']//label[contains(., 'inpaint')]").click()
+    # the rectangle sliders now span the upload's 48x40 px; their defaults are its central quarter
+    wait_for(d, lambda d: d.find_element(By.CSS_SELECTOR, "#edit-x1 input[type=number]").get_attribute("value") == "36",
+             "the rectangle sliders over the upload")
+    wait_for(d, text_on_page("tokens kept"), "the inpainting preview")

@@ -1,5 +1,5 @@
-"""The `gear` command: presets | train | resume | sample | reconstruct | eval gen|recon|t2i|adm | convert | export |
-serve.
+"""The `gear` command: presets | train | resume | extract | sample | edit | reconstruct | eval gen|recon|t2i|adm |
+convert | export | serve.
 
 Errors end in one line on stderr, `gear CMD: error: ...`: exit status 2 when the input is wrong (arguments,
 config, files), 1 when the run failed on its own (it diverged, the disk is full); a run stopped by SIGTERM or
@@ -170,6 +170,30 @@ def _sample_text(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(prompts)} prompts x {args.per_class} samples, cfg {args.cfg_scale}")
 
 
+def cmd_edit(args: argparse.Namespace) -> None:
+    from gear.edit import EditSettings, edit, parse_region, read_image, save_edit_grid
+    from gear.run import open_run
+
+    region = parse_region(keep=args.keep, inpaint=args.inpaint, outpaint=args.outpaint, prefix_only=args.prefix_only)
+    image = read_image(args.image)  # an unreadable image fails before any model is loaded
+    run = open_run(args.run_dir)
+    if run.kind == "tokenizer":
+        raise ValueError(f"{args.run_dir} has no generator (a tokenizer run): edit with a joint or ar run")
+    if run.kind == "text":
+        from gear.text.pipeline import load_text_to_image
+
+        model = load_text_to_image(run, ema=not args.live, device=args.device)
+        tok = model.tokenizer
+    else:
+        tok, model = run.load_pair(ema=not args.live, device=args.device)
+    settings = EditSettings(region=region, classes=tuple(args.classes), prompts=tuple(args.prompt), per_class=args.num,
+                            cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed)
+    save_edit_grid(edit(image, tok, model, settings), args.out)
+    print(f"wrote {args.out}: {settings.rows} rows x {args.num} variants ({region.describe()}), "
+          "each row: input | mask | variants")
+
+
 def cmd_reconstruct(args: argparse.Namespace) -> None:
     import gear
     from gear.data.image_folder import load_rgb
@@ -315,7 +339,8 @@ def _config_overrides(items: list[str], config_class: type) -> dict:
 def cmd_serve(args: argparse.Namespace) -> None:
     from gear.serve import serve
 
-    serve(args.run_dir, host=args.host, port=args.port, device=args.device)
+    serve(args.run_dir, host=args.host, port=args.port, device=args.device, auth_file=args.auth_file,
+          no_auth=args.no_auth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,6 +387,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default="samples.png")
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("edit", help="complete, inpaint or outpaint an image with a run's AR: the kept tokens are forced, "
+                       "the rest sampled; a grid of input | mask | variants per class or prompt")
+    s.add_argument("run_dir")
+    s.add_argument("image", help="a PNG, JPEG, WebP, BMP or GIF file (seen as the tokenizer sees it: centre crop)")
+    region = s.add_mutually_exclusive_group()
+    region.add_argument("--keep", help="top:N or left:N token rows/columns kept (or top:P%%, left:P%%)")
+    region.add_argument("--inpaint", help="X0,Y0,X1,Y1: the rectangle to generate, in pixels of IMAGE; the rest is kept")
+    region.add_argument("--outpaint", help="down:N or right:N: the image shifted up/left by N token rows/columns, "
+                        "the uncovered part generated")
+    s.add_argument("--prefix-only", action="store_true", help="keep only the tokens before the first generated one "
+                   "in raster order (a sampled token never sees kept tokens after it; this resamples them too)")
+    s.add_argument("--classes", type=class_ids, default=[], help="comma-separated class ids, a row each")
+    s.add_argument("--prompt", action="append", default=[], help="a caption, a row each (text-conditioned runs)")
+    s.add_argument("--num", type=at_least(1), default=8, help="variants per class or prompt")
+    s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale, help="1 = no guidance, 0 = unconditional")
+    s.add_argument("--temperature", type=at_least(0.0, float, strict=True), default=1.0)
+    s.add_argument("--top-k", type=at_least(0), default=0, help="0 = off")
+    s.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0 = off")
+    s.add_argument("--seed", type=at_least(0), default=0)
+    s.add_argument("--live", action="store_true", help="use the live weights instead of the EMA")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", default="edit.png")
+    s.set_defaults(func=cmd_edit)
 
     s = sub.add_parser("reconstruct", help="encode and decode images with a run's tokenizer")
     s.add_argument("run_dir")
@@ -417,10 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gear.serve import DEFAULT_HOST, DEFAULT_PORT
 
-    s = sub.add_parser("serve", help="a local web page to explore a run: sample, reconstruct, training curves")
+    s = sub.add_parser("serve", help="a local web page to explore a run: sample, edit, reconstruct, training curves")
     s.add_argument("run_dir")
     s.add_argument("--port", type=int, default=DEFAULT_PORT)
-    s.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: this machine only)")
+    s.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default: this machine only); any other "
+                   "than loopback needs --auth-file or --no-auth")
+    s.add_argument("--auth-file", default=None, help="a file of user:password lines: the page asks for one of these logins")
+    s.add_argument("--no-auth", action="store_true", help="serve beyond loopback without a login (anyone who reaches "
+                   "the port can use the page)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_serve)
     return p

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from gear.models.generators import generator_class, register_generator
 from gear.models.pretrained import Pretrained, preset_name, read_config
-from gear.models.sampling import KVCache, LayerKVCache, StaticKVCache, generate
+from gear.models.sampling import KnownTokens, KVCache, LayerKVCache, StaticKVCache, generate
 from gear.models.soft import SparseSoft
 
 CONDITIONS = ("class", "text")  # each has a generator class in gear.models.generators.GENERATORS
@@ -332,10 +332,12 @@ class GPT(nn.Module, Pretrained):
         top_p: float = 1.0,
         seed: int | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        known: KnownTokens | None = None,
     ) -> Tensor:
-        """Sample token grids (B, grid_size, grid_size) int64 for class labels (B,); see gear.models.sampling."""
+        """Sample token grids (B, grid_size, grid_size) int64 for class labels (B,); see gear.models.sampling.
+        ``known`` keeps the tokens under its mask and samples the rest (editing, gear.edit)."""
         return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        on_token=on_token)
+                        on_token=on_token, known=known)
 
     def _check_inputs(
         self, tokens: Tensor | SparseSoft, labels: Tensor, tap_layer: int | None, stop_at_tap: bool

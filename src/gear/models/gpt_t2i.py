@@ -32,7 +32,7 @@ from torch import Tensor
 from gear.models.generators import register_generator
 from gear.models.gpt import GPT, FeedForward, GPTConfig, GPTOutput, RMSNorm, apply_rope, rope_table
 from gear.models.pretrained import Pretrained
-from gear.models.sampling import KVCache, LayerKVCache, check_sampling_args, decode
+from gear.models.sampling import KnownTokens, KVCache, LayerKVCache, check_sampling_args, decode
 from gear.models.soft import SparseSoft
 
 
@@ -299,9 +299,11 @@ class TextGPT(nn.Module, Pretrained):
         top_p: float = 1.0,
         seed: int | None = None,
         on_token: Callable[[int, int], None] | None = None,
+        known: KnownTokens | None = None,
     ) -> Tensor:
         """Sample (B, grid_size, grid_size) int64 token grids for captions; the empty caption is the CFG null.
-        ``on_token(done, total)`` is called after each position (progress bars).
+        ``on_token(done, total)`` is called after each position (progress bars). ``known`` keeps the tokens under its
+        mask and samples the rest (editing, gear.edit).
 
         The KV cache lives only inside this call; the model runs in eval mode and each module's flag is restored."""
         cfg = self.config
@@ -309,6 +311,8 @@ class TextGPT(nn.Module, Pretrained):
         self._check_condition(text, None)
         check_sampling_args(torch.zeros(len(text), dtype=torch.long), 1, temperature, top_k, top_p)
         text = text.to(device)
+        if known is not None:
+            known = known.flat(len(text), cfg.grid_size, cfg.vocab_size, device)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device)
@@ -328,7 +332,7 @@ class TextGPT(nn.Module, Pretrained):
         try:
             decode(step, self.embed_caption(cond, self.tok_embeddings.weight.dtype), self.tok_embeddings, tokens,
                    cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                   on_token=on_token)
+                   on_token=on_token, known=known)
         finally:
             del cache
             for module, mode in modes:

@@ -4,11 +4,16 @@ The cache lives only inside one ``generate`` call; nothing is attached to the mo
 position: the class token first, then each sampled token, so a grid of L tokens costs L steps.
 With guidance (cfg_scale != 1) the batch is run twice as [cond; null] and the logits mixed as
 ``uncond + cfg_scale * (cond - uncond)``; cfg_scale == 1 is plain conditional sampling on the batch as is.
+
+Editing (``KnownTokens``): positions whose token is known are still stepped and sampled, then the known token
+replaces the sample before it is stored and fed back, so the cache holds exactly what a full pass over the edited
+sequence would. A sampled token sees only the known tokens before it in raster order, never those after it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -105,6 +110,32 @@ class GraphedDecodeStep:
         return self.logits
 
 
+@dataclass(frozen=True)
+class KnownTokens:
+    """Token grids with some positions fixed: ``tokens`` (B, H, W) int64 and ``mask`` (B, H, W) bool, True where the
+    token is kept; a (H, W) pair applies to every row of the batch. Values under a False mask are ignored."""
+
+    tokens: Tensor
+    mask: Tensor
+
+    def flat(self, batch: int, grid_size: int, vocab_size: int, device: torch.device) -> KnownTokens:
+        """Checked and flattened to (batch, grid_size ** 2) on ``device``, in raster order; ValueError otherwise."""
+        tokens, mask = self.tokens, self.mask
+        if tokens.shape != mask.shape or tokens.dtype != torch.long or mask.dtype != torch.bool:
+            raise ValueError(f"known tokens must be int64 and their mask bool, of one shape, got {tuple(tokens.shape)} "
+                             f"{tokens.dtype} and {tuple(mask.shape)} {mask.dtype}")
+        if tokens.shape[-2:] != (grid_size, grid_size) or tokens.dim() not in (2, 3) or (
+                tokens.dim() == 3 and tokens.shape[0] != batch):
+            raise ValueError(f"known tokens must be ({batch}, {grid_size}, {grid_size}) or ({grid_size}, {grid_size}), "
+                             f"got {tuple(tokens.shape)}")
+        kept = tokens[mask]
+        if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab_size):
+            raise ValueError(f"known tokens must be codes in [0, {vocab_size}), got values outside")
+        length = grid_size * grid_size
+        return KnownTokens(tokens.to(device).reshape(-1, length).expand(batch, length),
+                           mask.to(device).reshape(-1, length).expand(batch, length))
+
+
 def sample_logits(
     logits: Tensor,
     *,
@@ -145,6 +176,7 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     cuda_graph: bool | None = None,
+    known: KnownTokens | None = None,
 ) -> Tensor:
     """Sample (B, grid_size, grid_size) int64 token grids from a class-conditional GPT (gear.models.gpt) for class
     labels (B,) in [0, num_classes].
@@ -153,12 +185,14 @@ def generate(
     seed the global RNG is used. ``on_token(done, total)`` is called after each position (progress bars). The
     model runs in eval mode (no dropout) for the call; each module's train/eval flag is restored afterwards.
     ``cuda_graph`` (default: on CUDA) replays every decode step from one CUDA graph (``GraphedDecodeStep``); on a
-    CPU the growing cache runs eagerly.
+    CPU the growing cache runs eagerly. ``known`` fixes some positions of every grid (editing: see the module doc).
     """
     cfg = model.config
     device = model.tok_embeddings.weight.device
     check_sampling_args(labels, cfg.num_classes, temperature, top_k, top_p)
     labels = labels.to(device)
+    if known is not None:
+        known = known.flat(labels.shape[0], cfg.grid_size, cfg.vocab_size, device)
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
     if cuda_graph and device.type != "cuda":
@@ -187,7 +221,7 @@ def generate(
             cache = KVCache(cfg.n_layer, max_len)
             step = lambda x, t: model.forward_cached(x, start=t, cache=cache)[:, -1]  # noqa: E731
         decode(step, x, model.tok_embeddings, tokens, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-               top_p=top_p, generator=generator, on_token=on_token)
+               top_p=top_p, generator=generator, on_token=on_token, known=known)
     finally:
         del cache, step  # never outlive the call, even when sampling fails
         for module, mode in modes:
@@ -197,10 +231,11 @@ def generate(
 
 def decode(step: Callable[[Tensor, int], Tensor], x: Tensor, embed: Callable[[Tensor], Tensor], tokens: Tensor, *,
            cfg_scale: float, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
-           on_token: Callable[[int, int], None] | None) -> None:
+           on_token: Callable[[int, int], None] | None, known: KnownTokens | None = None) -> None:
     """The decode loop of every generator: ``step(x, t)`` gives the logits of position t (the condition's rows
     first, then one token), guidance mixes the conditional and null halves when ``cfg_scale`` != 1, the sampled
-    token goes to ``tokens[:, t]`` and its embedding (twice when guided) is the next input."""
+    token goes to ``tokens[:, t]`` and its embedding (twice when guided) is the next input. ``known`` (flattened,
+    (B, L)) replaces the sample wherever its mask is set."""
     guided = cfg_scale != 1.0
     length = tokens.shape[1]
     for t in range(length):
@@ -209,6 +244,8 @@ def decode(step: Callable[[Tensor, int], Tensor], x: Tensor, embed: Callable[[Te
             cond_logits, uncond_logits = logits.chunk(2)
             logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
         nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if known is not None:  # editing: a kept position takes its known token, which is also what is fed back
+            nxt = torch.where(known.mask[:, t], known.tokens[:, t], nxt)
         tokens[:, t] = nxt
         if on_token is not None:
             on_token(t + 1, length)

@@ -1,4 +1,4 @@
-"""The Gradio page over a RunExplorer: Sample, Reconstruct and Curves tabs.
+"""The Gradio page over a RunExplorer: Sample, Edit, Reconstruct and Curves tabs.
 
 Offline by construction: analytics off (environment and Blocks), a theme whose fonts are system fonts (nothing
 from a font CDN), share links off. Requests that touch the models share one queue slot (CPU: one at a time).
@@ -17,9 +17,10 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402  (installed with gradio)
 
+from gear.edit import EditSettings, Region, parse_region  # noqa: E402
 from gear.sample import DEFAULT_PER_CLASS, SampleSettings  # noqa: E402
 from gear.serve.curves import PANEL_TITLES, Panel  # noqa: E402
-from gear.serve.explorer import MAX_IMAGES, Reconstruction, RunExplorer  # noqa: E402
+from gear.serve.explorer import MAX_IMAGES, EditPreview, Reconstruction, RunExplorer  # noqa: E402
 from gear.text.grid import PromptSettings  # noqa: E402
 
 # gradio's queue statistics call pandas with options pandas 3 deprecates: two console lines per request, none of
@@ -33,7 +34,9 @@ CSS = """
 .pixelated img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 .token-map { display: grid; gap: 1px; width: max-content; font: 11px ui-monospace, monospace; }
 .token-map span { display: flex; align-items: center; justify-content: center; color: #111; }
+.token-map span.generated { background: repeating-linear-gradient(45deg, #ddd, #ddd 3px, #bbb 3px, #bbb 6px); color: #555; }
 """
+REGIONS = ("keep top", "keep left", "inpaint", "outpaint down", "outpaint right")
 
 
 def theme() -> gr.themes.Base:
@@ -75,17 +78,46 @@ def prompt_settings_from_page(prompts, per_prompt, cfg_scale, temperature, top_k
                           top_k=_whole(top_k, "top-k"), top_p=_real(top_p, "top-p"), seed=_whole(seed, "seed"))
 
 
-def token_map_html(r: Reconstruction) -> str:
-    """The code indices as a grid of coloured cells, one colour per code."""
+def token_map_html(r: Reconstruction | EditPreview) -> str:
+    """The code indices as a grid of coloured cells, one colour per code; on an edit preview, the cells to be
+    generated are hatched grey and marked "?"."""
     h, w = r.indices.shape
+    kept = getattr(r, "kept", np.ones((h, w), dtype=bool)).reshape(-1).tolist()
     cell = max(14, min(32, 264 // w))
     cells = "".join(
         f'<span style="background: rgb({c[0]}, {c[1]}, {c[2]}); width: {cell}px; height: {cell}px" '
-        f'title="row {i // w}, column {i % w}: code {code}">{code}</span>'
-        for i, (code, c) in enumerate(zip(r.indices.reshape(-1).tolist(), r.colours.reshape(-1, 3).tolist()))
+        f'title="row {i // w}, column {i % w}: code {code}">{code}</span>' if keep else
+        f'<span class="generated" style="width: {cell}px; height: {cell}px" '
+        f'title="row {i // w}, column {i % w}: generated">?</span>'
+        for i, (code, c, keep) in enumerate(zip(r.indices.reshape(-1).tolist(), r.colours.reshape(-1, 3).tolist(), kept))
     )
+    label = f"{sum(kept)} of {h * w} codes kept" if not all(kept) else f"{h}x{w} codes"
     return (f'<div class="token-map" style="grid-template-columns: repeat({w}, {cell}px)" '
-            f'aria-label="token map, {h}x{w} codes">{cells}</div>')
+            f'aria-label="token map, {label}">{cells}</div>')
+
+
+def region_from_page(kind, count, x0, y0, x1, y1, prefix_only) -> Region:
+    """The region controls as a Region (`gear edit`'s own parser), or ValueError naming what is wrong."""
+    if kind not in REGIONS:
+        raise ValueError(f"choose a region: one of {', '.join(REGIONS)}")
+    mode, side = kind.split(" ") if " " in kind else (kind, "")
+    if mode == "inpaint":
+        box = ",".join(str(_whole(v, "a rectangle corner")) for v in (x0, y0, x1, y1))
+        return parse_region(inpaint=box, prefix_only=bool(prefix_only))
+    spec = f"{side}:{_whole(count, 'token rows / columns')}"
+    return parse_region(**{mode: spec}, prefix_only=bool(prefix_only))
+
+
+def edit_settings_from_page(region: Region, condition, num, cfg_scale, temperature, top_k, top_p, seed,
+                            text: bool) -> EditSettings:
+    """The Edit tab's condition (classes, or prompts one per line) and sliders as EditSettings."""
+    if text:
+        classes, prompts = (), tuple(line.strip() for line in str(condition or "").splitlines() if line.strip())
+    else:
+        classes, prompts = tuple(_whole(c, "a class") for c in (condition or ())), ()
+    return EditSettings(region=region, classes=classes, prompts=prompts, per_class=_whole(num, "variants"),
+                        cfg_scale=_real(cfg_scale, "CFG scale"), temperature=_real(temperature, "temperature"),
+                        top_k=_whole(top_k, "top-k"), top_p=_real(top_p, "top-p"), seed=_whole(seed, "seed"))
 
 
 def summary_markdown(explorer: RunExplorer) -> str:
@@ -108,6 +140,7 @@ def build_app(explorer: RunExplorer) -> gr.Blocks:
         with gr.Tabs():
             if explorer.kind != "tokenizer":
                 _sample_tab(explorer)
+                _edit_tab(explorer)
             _reconstruct_tab(explorer)
             _curves_tab(explorer, demo)
     demo.queue(default_concurrency_limit=1)
@@ -161,6 +194,119 @@ def _sample_tab(explorer: RunExplorer) -> None:
 
     button.click(generate, [condition, per_row, cfg_scale, temperature, top_k, top_p, seed], [grid, command, download],
                  api_name="generate", concurrency_id=MODELS, concurrency_limit=1)
+
+
+def _edit_tab(explorer: RunExplorer) -> None:
+    """An image (uploaded, or one of the Sample tab's), a region, classes or prompts: the `gear edit` grid."""
+    text = explorer.kind == "text"
+    grid_size = explorer.gen.config.grid_size
+    size = explorer.image_size
+    with gr.Tab("Edit", id="edit"):
+        with gr.Row():
+            with gr.Column(scale=1, min_width=300):
+                upload = gr.File(label="An image to edit (PNG, JPEG, WebP, ...)", file_types=["image"], type="filepath",
+                                 elem_id="edit-upload")
+                with gr.Row():
+                    number = gr.Number(value=1, precision=0, minimum=1, label="Sample #", elem_id="edit-sample-number",
+                                       min_width=80)
+                    use_sample = gr.Button("Use this image of the Sample tab", size="sm", elem_id="edit-use-sample")
+                kind = gr.Radio(list(REGIONS), value="keep top", label="Region", elem_id="edit-region")
+                count = gr.Slider(1, grid_size - 1, value=grid_size // 2, step=1,
+                                  label="Token rows / columns kept (keep) or added (outpaint)", elem_id="edit-count")
+                gr.Markdown("Inpaint: the rectangle to generate, in pixels of the input image")
+                corners = []
+                for pair in ((("X0", size // 4), ("Y0", size // 4)), (("X1", 3 * size // 4), ("Y1", 3 * size // 4))):
+                    with gr.Row():
+                        corners += [gr.Slider(0, size, value=v, step=1, label=name, elem_id=f"edit-{name.lower()}",
+                                              min_width=120) for name, v in pair]
+                prefix_only = gr.Checkbox(False, label="Prefix only: also resample the kept tokens after the first "
+                                          "generated one (raster order never sees them)", elem_id="edit-prefix-only")
+                if text:
+                    condition = gr.Textbox(value="\n".join(explorer.default_prompts()[:2]), lines=3, max_lines=8,
+                                           label="Prompts (one per line, one row each)", elem_id="edit-prompts")
+                else:
+                    choices = explorer.class_choices()
+                    condition = gr.Dropdown(choices=choices, value=[i for _, i in choices[:2]], multiselect=True,
+                                            label="Classes (one row each)", elem_id="edit-classes")
+                num = gr.Slider(1, 16, value=DEFAULT_PER_CLASS, step=1, label="Variants per row", elem_id="edit-num")
+                cfg_scale = gr.Slider(0, 10, value=SampleSettings.cfg_scale, step=0.1, label="CFG scale (1 = no guidance)",
+                                      elem_id="edit-cfg-scale")
+                temperature = gr.Slider(0.05, 2, value=1.0, step=0.05, label="Temperature", elem_id="edit-temperature")
+                top_k = gr.Slider(0, explorer.gen.config.vocab_size, value=0, step=1, label="Top-k (0 = off)",
+                                  elem_id="edit-top-k")
+                top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="edit-top-p")
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="edit-seed")
+                button = gr.Button("Edit", variant="primary", elem_id="edit-generate")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    mask = gr.Image(label="Kept (grey: generated)", interactive=False, format="png", height=220,
+                                    elem_classes=["pixelated"], elem_id="edit-mask")
+                    with gr.Column():
+                        gr.Markdown("Kept tokens over the token map (?: generated)")
+                        token_map = gr.HTML(elem_id="edit-token-map")
+                message = gr.Markdown(elem_id="edit-message")
+                grid = gr.Image(label="Input | kept | variants, a row per " + ("prompt" if text else "class"),
+                                type="filepath", format="png", interactive=False, elem_id="edit-grid",
+                                elem_classes=["pixelated"], height=420)
+                command = gr.Textbox(label="The same grid from the command line", interactive=False, buttons=["copy"],
+                                     elem_id="edit-command")
+                download = gr.DownloadButton("Download grid PNG", visible=False, elem_id="edit-download")
+
+    region_inputs = [kind, count, *corners, prefix_only]
+
+    def preview(path, *region_values):
+        """The mask tile and token map of the region, or a line saying what is wrong with it (no popup per slider)."""
+        if not path:
+            return None, "", "Upload an image, or take one from the Sample tab."
+        try:
+            p = explorer.edit_preview(path, region_from_page(*region_values))
+        except ValueError as err:
+            return None, "", f"**{html.escape(str(err))}**"
+        return p.mask, token_map_html(p), f"{int(p.kept.sum())} of {p.kept.size} tokens kept"
+
+    def uploaded(path, *region_values):
+        """A new image: the rectangle sliders span its pixels (the rectangle is in pixels of the input image)."""
+        if not path:
+            return *(gr.Slider() for _ in corners), *preview(path, *region_values)
+        try:
+            w, h = explorer.image_size_of(path)
+        except ValueError as err:
+            return *(gr.Slider() for _ in corners), None, "", f"**{html.escape(str(err))}**"
+        box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+        sliders = [gr.Slider(maximum=limit, value=v) for limit, v in zip((w, h, w, h), box)]
+        kind_value, count_value, *_, prefix_value = region_values
+        return *sliders, *preview(path, kind_value, count_value, *box, prefix_value)
+
+    def take_sample(value):
+        try:
+            return str(explorer.pick_sample(_whole(value, "the sample number")))
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
+    def run_edit(path, *values, progress=gr.Progress()):
+        def on_token(done: int, total: int) -> None:
+            progress((done, total), desc="Sampling tokens", unit="tokens")
+
+        if not path:
+            raise gr.Error("upload an image first, or take one from the Sample tab", print_exception=False)
+        try:
+            region = region_from_page(*values[: len(region_inputs)])
+            settings = edit_settings_from_page(region, *values[len(region_inputs):], text=text)
+            result = explorer.edit(path, settings, on_token)
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        return str(result.path), result.command, gr.DownloadButton(value=str(result.path), visible=True)
+
+    previews = [mask, token_map, message]
+    upload.upload(uploaded, [upload, *region_inputs], [*corners, *previews], api_visibility="private",
+                  concurrency_id=MODELS, concurrency_limit=1)
+    use_sample.click(take_sample, number, upload, api_visibility="private").then(
+        uploaded, [upload, *region_inputs], [*corners, *previews], api_visibility="private", concurrency_id=MODELS,
+        concurrency_limit=1)
+    gr.on([c.release for c in (count, *corners)] + [kind.change, prefix_only.change], preview,
+          [upload, *region_inputs], previews, api_name="edit_preview", concurrency_id=MODELS, concurrency_limit=1)
+    button.click(run_edit, [upload, *region_inputs, condition, num, cfg_scale, temperature, top_k, top_p, seed],
+                 [grid, command, download], api_name="edit", concurrency_id=MODELS, concurrency_limit=1)
 
 
 def _reconstruct_tab(explorer: RunExplorer) -> None:
@@ -219,7 +365,9 @@ def _curves_tab(explorer: RunExplorer, demo: gr.Blocks) -> None:
     timer.tick(refresh, None, outputs, api_visibility="private", show_progress="hidden")
 
 
-def launch(demo: gr.Blocks, host: str, port: int) -> None:
-    """Start serving on host:port in the background (no share link, errors shown on the page); demo.close() stops."""
+def launch(demo: gr.Blocks, host: str, port: int, auth: list[tuple[str, str]] | None = None) -> None:
+    """Start serving on host:port in the background (no share link, errors shown on the page); demo.close() stops.
+    ``auth``: (user, password) pairs, checked by Gradio's login page before anything else is served."""
     demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_error=True,
-                prevent_thread_lock=True, quiet=True, theme=theme(), css=CSS, footer_links=["api", "settings"])
+                prevent_thread_lock=True, quiet=True, theme=theme(), css=CSS, footer_links=["api", "settings"],
+                auth=auth or None, auth_message="gear serve: log in with a user:password line of the --auth-file")

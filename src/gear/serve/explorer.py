@@ -1,5 +1,6 @@
-"""What the page shows, without the page: a run's models loaded once, sample grids (the `gear sample` path),
-reconstructions with their token map and PSNR, the curves of metrics.jsonl and the run's summary.
+"""What the page shows, without the page: a run's models loaded once, sample grids (the `gear sample` path), edits
+(the `gear edit` path), reconstructions with their token map and PSNR, the curves of metrics.jsonl and the run's
+summary.
 
 gear.serve.app puts this on a Gradio page; everything here is plain Python and testable without a browser.
 """
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from gear.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from gear.data.fmnist_captions import demo_prompts
 from gear.data.image_folder import load_rgb
 from gear.data.transforms import square_view, to_uint8_image
+from gear.edit import EditSettings, Region, edit, plan_edit, read_image, save_edit_grid
 from gear.eval.image_metrics import psnr
 from gear.run import open_run
 from gear.sample import SampleSettings, sample_grid
@@ -32,9 +35,19 @@ GOLDEN = 0.6180339887498949
 
 @dataclass
 class SampleResult:
-    path: Path  # the PNG grid, one row per class or prompt, as `gear sample` writes it
-    command: str  # the `gear sample` line that writes the same grid
+    path: Path  # the PNG grid, one row per class or prompt, as `gear sample` (or `gear edit`) writes it
+    command: str  # the `gear sample` (`gear edit`) line that writes the same grid
     num_images: int
+    per_row: int = 0  # images in a row (for picking one of them)
+
+
+@dataclass
+class EditPreview:
+    original: np.ndarray  # uint8 (S, S, 3): the input as the tokenizer sees it
+    mask: np.ndarray  # uint8 (S, S, 3): the kept part where it is kept, grey where tokens are generated
+    indices: np.ndarray  # int64 (h, w): the kept tokens where they are kept (other cells are generated)
+    colours: np.ndarray  # uint8 (h, w, 3)
+    kept: np.ndarray  # bool (h, w)
 
 
 @dataclass
@@ -74,6 +87,7 @@ class RunExplorer:
         self.image_size = self.config.data.image_size
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="gear-serve-"))
         self._names = itertools.count()
+        self.last_sample: SampleResult | None = None  # the Sample tab's latest grid, for the Edit tab to pick from
 
     # ------------------------------------------------------------------ sampling
 
@@ -99,7 +113,8 @@ class RunExplorer:
             raise ValueError(f"{n} images is more than the page draws at once ({MAX_IMAGES}); "
                              "pick fewer classes or samples per class, or use the `gear sample` command")
         path = sample_grid(self.tok, self.gen, settings, self.out_dir / f"samples-{next(self._names)}.png", on_token)
-        return SampleResult(path, settings.command(self.run_dir), n)
+        self.last_sample = SampleResult(path, settings.command(self.run_dir), n, settings.per_class)
+        return self.last_sample
 
     def default_prompts(self) -> list[str]:
         """Prompts to start from: one held-out caption per class on captioned Fashion-MNIST, else none."""
@@ -114,7 +129,57 @@ class RunExplorer:
             raise ValueError(f"{n} images is more than the page draws at once ({MAX_IMAGES}); "
                              "write fewer prompts or samples per prompt, or use the `gear sample` command")
         path = sample_prompt_grid(self.pipe, settings, self.out_dir / f"samples-{next(self._names)}.png", on_token)
-        return SampleResult(path, settings.command(self.run_dir), n)
+        self.last_sample = SampleResult(path, settings.command(self.run_dir), n, settings.per_class)
+        return self.last_sample
+
+    # ------------------------------------------------------------------ editing
+
+    def pick_sample(self, number: int) -> Path:
+        """Image ``number`` (1-based, row by row) of the Sample tab's latest grid, written as a PNG of its own."""
+        last = self.last_sample
+        if last is None:
+            raise ValueError("draw a grid on the Sample tab first, or upload an image")
+        if not 1 <= number <= last.num_images:
+            raise ValueError(f"the Sample tab's grid holds images 1..{last.num_images}, not {number}")
+        grid = np.asarray(Image.open(last.path).convert("RGB"))
+        # the layouts of save_image_grid (padding 2, 1x) and save_prompt_grid (padding 4, 2x)
+        pad, scale = (4, 2) if self.pipe is not None else (2, 1)
+        cell = self.image_size * scale
+        row, col = divmod(number - 1, last.per_row)
+        top, left = pad + row * (cell + pad), pad + col * (cell + pad)
+        tile = grid[top : top + cell : scale, left : left + cell : scale]
+        path = self.out_dir / f"sample-{next(self._names)}-{number}.png"
+        Image.fromarray(np.ascontiguousarray(tile)).save(path)
+        return path
+
+    def image_size_of(self, image_path: str | Path) -> tuple[int, int]:
+        """(width, height) in pixels of an image file; ValueError when it does not decode."""
+        return read_image(image_path).size
+
+    def edit_preview(self, image_path: str | Path, region: Region) -> EditPreview:
+        """What ``region`` keeps of the image, without sampling: the mask tile and the kept tokens."""
+        self._check_editable()
+        plan = plan_edit(image_path, self.tok, self.gen.config.grid_size, region)
+        codes, kept = plan.known.tokens.numpy(), plan.known.mask.numpy()
+        return EditPreview(original=to_uint8_image(plan.original).permute(1, 2, 0).numpy(),
+                           mask=to_uint8_image(plan.canvas).permute(1, 2, 0).numpy(), indices=codes,
+                           colours=code_colours(codes), kept=kept)
+
+    def edit(self, image_path: str | Path, settings: EditSettings, on_token=None) -> SampleResult:
+        """The `gear edit` grid of the image (a row per class or prompt: input, mask, variants) and its command."""
+        self._check_editable()
+        settings.check(self.gen)
+        n = settings.rows * settings.per_class
+        if n > MAX_IMAGES:
+            raise ValueError(f"{n} images is more than the page draws at once ({MAX_IMAGES}); "
+                             "choose fewer rows or variants, or use the `gear edit` command")
+        result = edit(image_path, self.tok, self.pipe or self.gen, settings, on_token)
+        path = save_edit_grid(result, self.out_dir / f"edit-{next(self._names)}.png")
+        return SampleResult(path, settings.command(self.run_dir, str(image_path)), n, settings.per_class + 2)
+
+    def _check_editable(self) -> None:
+        if self.gen is None:
+            raise ValueError(f"{self.run_dir} has no generator (a tokenizer run): edit with a joint or ar run")
 
     # ------------------------------------------------------------------ reconstruction
 
