@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from gear.eval.export import save_adm_npz
+from gear.eval.export import save_adm_npz, write_adm_npz_chunks
 
 
 def test_float_images_become_uint8_nhwc(tmp_path):
@@ -37,3 +37,30 @@ def test_bad_input_raises(tmp_path):
         save_adm_npz(torch.full((1, 3, 4, 4), 200.0), tmp_path / "x.npz")
     with pytest.raises(ValueError, match="N, C, H, W"):
         save_adm_npz(torch.zeros(3, 4, 4), tmp_path / "x.npz")
+
+
+def test_chunks_stream_into_the_npz_np_savez_would_write(tmp_path):
+    from gear.eval.adm import images_npz_shape, iter_images_npz
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
+    labels = np.arange(7) % 3
+    path = write_adm_npz_chunks(iter([images[:3], images[3:6], images[6:]]), 7, tmp_path / "s.npz", labels=labels)
+    with np.load(path, allow_pickle=False) as data:
+        assert data.files == ["arr_0", "arr_1"]
+        np.testing.assert_array_equal(data["arr_0"], images)
+        np.testing.assert_array_equal(data["arr_1"], labels)
+    assert images_npz_shape(path) == (7, 5, 6, 3)  # the ADM evaluator's streaming reader takes it too
+    np.testing.assert_array_equal(np.concatenate(list(iter_images_npz(path, 4))), images)
+
+
+@pytest.mark.parametrize("chunks, num, says", [
+    ([np.zeros((2, 4, 4, 3), np.uint8)], 3, "2 images written, 3 announced"),
+    ([np.zeros((2, 4, 4, 3), np.uint8)] * 2, 3, "more than the 3 images"),
+    ([np.zeros((2, 4, 4, 3), np.uint8), np.zeros((1, 5, 4, 3), np.uint8)], 3, r"chunk of images \(5, 4, 3\)"),
+    ([np.zeros((2, 4, 4, 1), np.uint8)], 2, r"uint8 \(n, H, W, 3\)"),
+])
+def test_chunks_that_do_not_add_up_leave_no_file(tmp_path, chunks, num, says):
+    with pytest.raises(ValueError, match=says):
+        write_adm_npz_chunks(iter(chunks), num, tmp_path / "s.npz")
+    assert list(tmp_path.iterdir()) == []
