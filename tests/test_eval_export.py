@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from gear.data.transforms import to_uint8_image
 from gear.eval.export import save_adm_npz, write_adm_npz_chunks
 
 
@@ -64,3 +65,28 @@ def test_chunks_that_do_not_add_up_leave_no_file(tmp_path, chunks, num, says):
     with pytest.raises(ValueError, match=says):
         write_adm_npz_chunks(iter(chunks), num, tmp_path / "s.npz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reference_npz_script_writes_the_held_out_split(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from gear.config import load_config
+    from gear.data.fashion_mnist import resolve_root
+    from gear.eval.runs import held_out_batches
+    from gear.run import write_run_config
+
+    if not (resolve_root() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST idx files not installed")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "reference_npz.py"
+    spec = importlib.util.spec_from_file_location("reference_npz", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = load_config("configs/fmnist-tokenizer.yaml")
+    write_run_config(tmp_path, cfg)
+    assert module.main([str(tmp_path), "--num", "7", "--batch-size", "3", "--out", str(tmp_path / "ref.npz")]) == 0
+    expected = to_uint8_image(next(held_out_batches(cfg.data, 7, 7))).permute(0, 2, 3, 1).numpy()
+    with np.load(tmp_path / "ref.npz") as data:
+        assert data["arr_0"].shape == (7, cfg.data.image_size, cfg.data.image_size, 3)
+        np.testing.assert_array_equal(data["arr_0"], np.repeat(expected, 3, axis=-1) if expected.shape[-1] == 1 else expected)
+        assert data["arr_1"].shape == (7,)
