@@ -84,7 +84,7 @@ def test_a_run_killed_midway_restarts_to_the_same_npz(run, tmp_path):
     settings = SampleSetSettings(num=11, chunk_size=3, cfg_scale=2.0, seed=4)
     whole = write_sample_set(tok, gen, settings, tmp_path / "whole.npz").path
 
-    def kill_after_two(chunk: int) -> None:
+    def kill_after_two(chunk: int) -> None:  # a process killed once two chunks are on disk
         if chunk == 1:
             raise Killed
 
@@ -107,9 +107,12 @@ def test_a_restart_with_other_settings_is_refused(run, tmp_path, capsys):
     out = tmp_path / "s.npz"
     chunk_dir(out).mkdir()
     tok, gen = load_pair(run)
+
+    def kill(chunk: int) -> None:
+        raise Killed
+
     with pytest.raises(Killed):
-        write_sample_set(tok, gen, SampleSetSettings(num=6, chunk_size=3, seed=4), out,
-                         on_chunk=lambda c: (_ for _ in ()).throw(Killed()))
+        write_sample_set(tok, gen, SampleSetSettings(num=6, chunk_size=3, seed=4), out, on_chunk=kill)
     assert main(["sample", str(run), "--num", "6", "--batch-size", "3", "--seed", "5", "--npz", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("gear sample: error: ") and "other settings (seed, source differ)" in err
@@ -143,3 +146,20 @@ def test_bad_sample_set_arguments_are_one_line(run, tmp_path, capsys, argv, says
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("gear sample: error: ") and says in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+def test_eval_takes_the_sampling_options_for_gen_only(capsys):
+    assert main(["eval", "adm", "s.npz", "--ref", "r.npz", "--top-k", "5"]) == 2
+    assert "belong to `gear eval gen`" in capsys.readouterr().err
+
+
+def test_a_grid_takes_cfg_interval_and_writes_it_in_its_command(run, tmp_path):
+    from gear.sample import SampleSettings, sample_images
+
+    settings = SampleSettings(classes=(1, 2), per_class=2, cfg_scale=3.0, cfg_interval=1, seed=2)
+    assert "--cfg-interval 1" in settings.command(str(run))
+    tok, gen = load_pair(run)
+    limited = sample_images(tok, gen, settings)
+    always = sample_images(tok, gen, SampleSettings(classes=(1, 2), per_class=2, cfg_scale=3.0, seed=2))
+    assert limited.shape == always.shape and not torch.equal(limited, always)
+    assert main(["sample", str(run), "--cfg-interval", "1", "--per-class", "1", "--out", str(tmp_path / "g.png")]) == 0

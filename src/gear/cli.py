@@ -249,12 +249,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gear.eval import runs
     from gear.run import load_pair, read_run_config
 
+    if args.what != "gen" and (args.cfg_interval, args.temperature, args.top_k, args.top_p) != (-1, 1.0, 0, 1.0):
+        raise ValueError("--cfg-interval, --temperature, --top-k and --top-p belong to `gear eval gen`")
     if args.what == "adm":
         return _eval_adm(args)
     if args.ref is not None or args.inception_weights is not None:
         raise ValueError("--ref and --inception-weights belong to `gear eval adm SAMPLES.npz --ref REF.npz`")
-    if args.what != "gen" and (args.cfg_interval, args.temperature, args.top_k, args.top_p) != (-1, 1.0, 0, 1.0):
-        raise ValueError("--cfg-interval, --temperature, --top-k and --top-p belong to `gear eval gen`")
     data = read_run_config(args.run_dir).data
     cache = Path(args.cache_dir) if args.cache_dir else None
     if args.what == "t2i":
