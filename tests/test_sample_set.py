@@ -156,10 +156,10 @@ def test_eval_takes_the_sampling_options_for_gen_only(capsys):
 def test_a_grid_takes_cfg_interval_and_writes_it_in_its_command(run, tmp_path):
     from gear.sample import SampleSettings, sample_images
 
-    settings = SampleSettings(classes=(1, 2), per_class=2, cfg_scale=3.0, cfg_interval=1, seed=2)
-    assert "--cfg-interval 1" in settings.command(str(run))
+    settings = SampleSettings(classes=(1, 2), per_class=4, cfg_scale=30.0, cfg_interval=0, seed=2)
+    assert "--cfg-interval 0" in settings.command(str(run))
     tok, gen = load_pair(run)
     limited = sample_images(tok, gen, settings)
-    always = sample_images(tok, gen, SampleSettings(classes=(1, 2), per_class=2, cfg_scale=3.0, seed=2))
+    always = sample_images(tok, gen, SampleSettings(classes=(1, 2), per_class=4, cfg_scale=30.0, seed=2))
     assert limited.shape == always.shape and not torch.equal(limited, always)
     assert main(["sample", str(run), "--cfg-interval", "1", "--per-class", "1", "--out", str(tmp_path / "g.png")]) == 0
