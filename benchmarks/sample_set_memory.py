@@ -52,7 +52,7 @@ def peak_rss(argv: list[str], threads: int) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nums", type=int, nargs=2, default=[500, 4000], help="two sample counts, small then large")
-    p.add_argument("--batch-size", type=int, default=250, help="samples per chunk")
+    p.add_argument("--batch-size", type=int, default=50, help="samples per chunk (its decode is the transient peak)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="", help="also write the result to this markdown file")
     args = p.parse_args(argv)
