@@ -49,3 +49,11 @@ def test_ab_compare_reports_agreement_of_identical_digests():
     assert "max rel diff 0.0e+00" in ab_compare.agreement(result)
     tokens = {"digests": {"A": {"tokens": [1, 2, 3]}, "B": {"tokens": [1, 5, 3]}}}
     assert ab_compare.agreement(tokens) == "tokens differ at 1 positions"
+
+
+@pytest.mark.slow
+def test_sample_set_memory_runs_gear_sample_twice(tmp_path):
+    out = tmp_path / "memory.md"
+    importlib.import_module("sample_set_memory").main(["--nums", "4", "8", "--batch-size", "4", "--out", str(out)])
+    text = out.read_text()
+    assert "| 4 | " in text and "| 8 | " in text and "2x the samples: peak RSS x**" in text

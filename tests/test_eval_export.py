@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from gear.eval.export import save_adm_npz
+from gear.data.transforms import to_uint8_image
+from gear.eval.export import save_adm_npz, write_adm_npz_chunks
 
 
 def test_float_images_become_uint8_nhwc(tmp_path):
@@ -37,3 +38,55 @@ def test_bad_input_raises(tmp_path):
         save_adm_npz(torch.full((1, 3, 4, 4), 200.0), tmp_path / "x.npz")
     with pytest.raises(ValueError, match="N, C, H, W"):
         save_adm_npz(torch.zeros(3, 4, 4), tmp_path / "x.npz")
+
+
+def test_chunks_stream_into_the_npz_np_savez_would_write(tmp_path):
+    from gear.eval.adm import images_npz_shape, iter_images_npz
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 5, 6, 3), dtype=np.uint8)
+    labels = np.arange(7) % 3
+    path = write_adm_npz_chunks(iter([images[:3], images[3:6], images[6:]]), 7, tmp_path / "s.npz", labels=labels)
+    with np.load(path, allow_pickle=False) as data:
+        assert data.files == ["arr_0", "arr_1"]
+        np.testing.assert_array_equal(data["arr_0"], images)
+        np.testing.assert_array_equal(data["arr_1"], labels)
+    assert images_npz_shape(path) == (7, 5, 6, 3)  # the ADM evaluator's streaming reader takes it too
+    np.testing.assert_array_equal(np.concatenate(list(iter_images_npz(path, 4))), images)
+
+
+@pytest.mark.parametrize("chunks, num, says", [
+    ([np.zeros((2, 4, 4, 3), np.uint8)], 3, "2 images written, 3 announced"),
+    ([np.zeros((2, 4, 4, 3), np.uint8)] * 2, 3, "more than the 3 images"),
+    ([np.zeros((2, 4, 4, 3), np.uint8), np.zeros((1, 5, 4, 3), np.uint8)], 3, r"chunk of images \(5, 4, 3\)"),
+    ([np.zeros((2, 4, 4, 1), np.uint8)], 2, r"uint8 \(n, H, W, 3\)"),
+])
+def test_chunks_that_do_not_add_up_leave_no_file(tmp_path, chunks, num, says):
+    with pytest.raises(ValueError, match=says):
+        write_adm_npz_chunks(iter(chunks), num, tmp_path / "s.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reference_npz_script_writes_the_held_out_split(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from gear.config import load_config
+    from gear.data.fashion_mnist import resolve_root
+    from gear.eval.runs import held_out_batches
+    from gear.run import write_run_config
+
+    if not (resolve_root() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST idx files not installed")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "reference_npz.py"
+    spec = importlib.util.spec_from_file_location("reference_npz", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = load_config("configs/fmnist-tokenizer.yaml")
+    write_run_config(tmp_path, cfg)
+    assert module.main([str(tmp_path), "--num", "7", "--batch-size", "3", "--out", str(tmp_path / "ref.npz")]) == 0
+    expected = to_uint8_image(next(held_out_batches(cfg.data, 7, 7))).permute(0, 2, 3, 1).numpy()
+    with np.load(tmp_path / "ref.npz") as data:
+        assert data["arr_0"].shape == (7, cfg.data.image_size, cfg.data.image_size, 3)
+        np.testing.assert_array_equal(data["arr_0"], np.repeat(expected, 3, axis=-1) if expected.shape[-1] == 1 else expected)
+        assert data["arr_1"].shape == (7,)

@@ -21,18 +21,21 @@ def random_model(seed: int = 0) -> GPT:
     return model.eval()
 
 
-def reference_generate(model: GPT, labels, *, cfg_scale: float, seed: int, **filters) -> torch.Tensor:
-    """Sampling without a cache: one full forward over the whole prefix per token."""
+def reference_generate(model: GPT, labels, *, cfg_scale: float, seed: int, cfg_interval: int = -1,
+                       **filters) -> torch.Tensor:
+    """Sampling without a cache: one full forward over the whole prefix per token. With ``cfg_interval`` = N >= 0,
+    LlamaGen's count: the token sampled after the prefill and the next N + 1 are guided, the rest conditional."""
     gen = torch.Generator().manual_seed(seed)
     guided = cfg_scale != 1.0
     cond = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
     tokens = torch.empty(len(labels), 0, dtype=torch.long)
+    num_guided = model.config.seq_len if cfg_interval == -1 else 1 + (cfg_interval + 1)
     with torch.no_grad():
         for _ in range(model.config.seq_len):
             logits = model(torch.cat([tokens, tokens]) if guided else tokens, cond).logits[:, -1]
             if guided:
                 c, u = logits.chunk(2)
-                logits = u + cfg_scale * (c - u)
+                logits = u + cfg_scale * (c - u) if tokens.shape[1] < num_guided else c
             nxt = sample_logits(logits, generator=gen, **filters)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     g = model.config.grid_size
@@ -140,6 +143,30 @@ def test_cfg_runs_cond_and_null_halves_and_mixes_their_logits():
     expected = reference_generate(model, labels, cfg_scale=2.5, seed=5)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(got, model.generate(labels, cfg_scale=1.0, seed=5))
+
+
+@pytest.mark.parametrize("cfg_interval", [0, 3])
+def test_cfg_interval_guides_the_first_tokens_then_samples_the_conditional_logits(cfg_interval):
+    model = random_model()
+    labels = torch.tensor([1, 3, 0, 2])
+    seen = record_class_inputs(model)
+    got = model.generate(labels, cfg_scale=4.0, cfg_interval=cfg_interval, seed=5)
+    assert torch.equal(seen[0], torch.tensor([1, 3, 0, 2, 5, 5, 5, 5]))  # the null half still runs
+    torch.testing.assert_close(got, reference_generate(model, labels, cfg_scale=4.0, cfg_interval=cfg_interval, seed=5),
+                               rtol=0, atol=0)
+    always = model.generate(labels, cfg_scale=4.0, seed=5)
+    guided = cfg_interval + 2  # the prefill's token and the cfg_interval + 1 after it
+    assert torch.equal(got.flatten(1)[:, :guided], always.flatten(1)[:, :guided])
+    assert not torch.equal(got, always)
+
+
+def test_a_cfg_interval_past_the_grid_is_guidance_on_every_token():
+    model = random_model()
+    labels = torch.tensor([1, 3, 0])
+    always = model.generate(labels, cfg_scale=2.5, seed=5)
+    assert torch.equal(model.generate(labels, cfg_scale=2.5, cfg_interval=model.config.seq_len - 2, seed=5), always)
+    with pytest.raises(ValueError, match="cfg_interval must be >= -1"):
+        model.generate(labels, cfg_scale=2.5, cfg_interval=-2)
 
 
 def test_cfg_scale_zero_samples_from_the_null_class_alone():

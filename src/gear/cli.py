@@ -123,9 +123,16 @@ def _print_summary(summary, command: str) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import gear
-    from gear.sample import SampleSettings, sample_grid
+    from gear.sample import DEFAULT_PER_CLASS, SampleSettings, sample_grid
     from gear.run import check_pair, is_text_run
 
+    if args.num is not None:
+        return _sample_set(args)
+    if args.npz is not None or args.batch_size is not None or args.labels is not None:
+        raise ValueError("--npz, --batch-size and --labels belong to a sample set: add --num N (e.g. --num 50000 "
+                         "--npz samples.npz)")
+    args.per_class = args.per_class or DEFAULT_PER_CLASS
+    args.out = args.out or "samples.png"
     if is_text_run(args.run_dir):
         return _sample_text(args)
     if args.prompt or args.prompts:
@@ -134,10 +141,49 @@ def cmd_sample(args: argparse.Namespace) -> None:
     gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
     check_pair(tok, gen)
     settings = SampleSettings(classes=tuple(args.classes), per_class=args.per_class, cfg_scale=args.cfg_scale,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                              cfg_interval=args.cfg_interval, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed)
     sample_grid(tok, gen, settings, args.out)
     classes = settings.resolved_classes(gen.config.num_classes)
     print(f"wrote {args.out}: {len(classes)} classes x {args.per_class} samples, cfg {args.cfg_scale}")
+
+
+def _sample_set(args: argparse.Namespace) -> None:
+    """`gear sample RUN --num N --npz OUT.npz`, in one process or in each process torchrun starts."""
+    import os
+
+    from gear.run import is_text_run, load_pair
+    from gear.sample_set import DEFAULT_CHUNK_SIZE, SampleSetSettings, write_sample_set
+    from gear.train.distributed import DistEnv, setup_distributed, teardown_distributed
+
+    if args.npz is None:
+        raise ValueError("--num draws a sample set for the ADM evaluator: add --npz OUT.npz")
+    if args.per_class is not None or args.out is not None:
+        raise ValueError("--num writes the sample set to --npz, no grid: drop --per-class and --out")
+    if args.prompt or args.prompts or is_text_run(args.run_dir):
+        raise ValueError(f"sample sets (--num) are class-conditional; {args.run_dir} is text-conditioned")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device)
+    if world_size > 1 and device.index is not None:
+        raise ValueError(f"under torchrun pass --device {device.type}: each process takes cuda:LOCAL_RANK")
+    env = setup_distributed(device.type) if world_size > 1 else DistEnv(device=device)
+    try:
+        tok, gen = load_pair(args.run_dir, ema=not args.live, device=str(env.device))
+        if gen is None:
+            raise FileNotFoundError(f"{args.run_dir} holds no generator: sample from a joint or ar run")
+        settings = SampleSetSettings(num=args.num, classes=tuple(args.classes), labels=args.labels or "balanced",
+                                     cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                     chunk_size=args.batch_size or DEFAULT_CHUNK_SIZE)
+        source = f"{Path(args.run_dir).resolve()} ({'live' if args.live else 'EMA'})"
+        result = write_sample_set(tok, gen, settings, args.npz, source=source, rank=env.rank,
+                                  world_size=env.world_size, progress=env.is_main)
+    finally:
+        teardown_distributed()
+    if env.is_main:
+        print(f"wrote {result.path}: {result.num} samples ({settings.labels} labels over "
+              f"{len(settings.resolved_classes(gen.config.num_classes))} classes), cfg {settings.cfg_scale}, "
+              f"{env.world_size} process(es)")
 
 
 def read_prompts(inline: list[str], path: str | None) -> list[str]:
@@ -160,6 +206,8 @@ def _sample_text(args: argparse.Namespace) -> None:
 
     if args.classes:
         raise ValueError(f"{args.run_dir} is text-conditioned: pass prompts (--prompt, --prompts), not --classes")
+    if args.cfg_interval != -1:
+        raise ValueError("--cfg-interval is for class-conditional runs; a text-conditioned grid is guided on every token")
     prompts = read_prompts(args.prompt, args.prompts)
     if not prompts:
         raise ValueError(f"{args.run_dir} is text-conditioned: pass --prompt TEXT (repeatable) or --prompts FILE")
@@ -225,6 +273,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from gear.eval import runs
     from gear.run import load_pair, read_run_config
 
+    if args.what != "gen" and (args.cfg_interval, args.temperature, args.top_k, args.top_p) != (-1, 1.0, 0, 1.0):
+        raise ValueError("--cfg-interval, --temperature, --top-k and --top-p belong to `gear eval gen`")
     if args.what == "adm":
         return _eval_adm(args)
     if args.ref is not None or args.inception_weights is not None:
@@ -242,7 +292,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.what == "gen":
         if gen is None:
             raise FileNotFoundError(f"{args.run_dir} holds no generator: evaluate a joint or ar run")
-        metrics = runs.generation_metrics(tok, gen, data, num=args.num, cfg_scale=args.cfg_scale, feature=args.feature,
+        metrics = runs.generation_metrics(tok, gen, data, num=args.num, cfg_scale=args.cfg_scale,
+                                          cfg_interval=args.cfg_interval, temperature=args.temperature,
+                                          top_k=args.top_k, top_p=args.top_p, feature=args.feature,
                                           batch_size=args.batch_size, seed=args.seed, classifier=classifier,
                                           cache_dir=cache, npz=args.npz, progress=True)
     else:
@@ -343,6 +395,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
           no_auth=args.no_auth)
 
 
+def add_sampling_options(s: argparse.ArgumentParser, cfg_scale: float) -> None:
+    """--cfg-scale, --cfg-interval, --temperature, --top-k, --top-p: the sampling options of `sample` and `eval gen`."""
+    s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale, help="1 = no guidance, 0 = unconditional")
+    s.add_argument("--cfg-interval", type=at_least(-1), default=-1, help="-1 = guidance on every token; N = on the "
+                   "prefill's token and the N + 1 after it, then the conditional logits alone (LlamaGen's, GEAR's)")
+    s.add_argument("--temperature", type=at_least(0.0, float, strict=True), default=1.0)
+    s.add_argument("--top-k", type=at_least(0), default=0, help="0 = off")
+    s.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0 = off")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gear.config import EvalConfig
 
@@ -372,20 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=2000 to extend")
     s.set_defaults(func=cmd_resume)
 
-    s = sub.add_parser("sample", help="sample grid from a run directory: classes, or prompts for a text-conditioned run")
+    s = sub.add_parser("sample", help="sample grid from a run directory: classes, or prompts for a text-conditioned "
+                       "run; with --num N, a sample set for the ADM evaluator (also under torchrun)")
     s.add_argument("run_dir")
-    s.add_argument("--classes", type=class_ids, default=[], help="comma-separated class ids (default: the first up to 10)")
+    s.add_argument("--classes", type=class_ids, default=[],
+                   help="comma-separated class ids (default: the first up to 10 in a grid, every class in a set)")
     s.add_argument("--prompt", action="append", default=[], help="a caption (text-conditioned runs); repeat for more")
     s.add_argument("--prompts", default=None, help="a text file of captions, one per line (text-conditioned runs)")
-    s.add_argument("--per-class", type=at_least(1), default=8, help="samples per class or per prompt")
-    s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale, help="1 = no guidance, 0 = unconditional")
-    s.add_argument("--temperature", type=at_least(0.0, float, strict=True), default=1.0)
-    s.add_argument("--top-k", type=at_least(0), default=0, help="0 = off")
-    s.add_argument("--top-p", type=unit_interval, default=1.0, help="1.0 = off")
+    s.add_argument("--per-class", type=at_least(1), default=None, help="samples per class or per prompt (default 8)")
+    s.add_argument("--num", type=at_least(1), default=None, help="draw a sample set of N images to --npz instead "
+                   "of a grid (e.g. 50000 for the paper's table)")
+    s.add_argument("--npz", default=None, help="with --num: the .npz to write (uint8 NHWC arr_0, labels arr_1)")
+    s.add_argument("--labels", choices=["balanced", "random"], default=None, help="with --num: class-balanced "
+                   "(default) or drawn uniformly at random as LlamaGen's sampler does")
+    s.add_argument("--batch-size", type=at_least(1), default=None, help="with --num: samples per chunk (default "
+                   "100); a chunk is one batch with its own seed, so this is part of what decides the images")
+    add_sampling_options(s, cfg_scale)
     s.add_argument("--seed", type=at_least(0), default=0)
     s.add_argument("--live", action="store_true", help="use the live weights instead of the EMA")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; under torchrun: cpu or cuda")
+    s.add_argument("--out", default=None, help="the grid PNG (default samples.png)")
     s.set_defaults(func=cmd_sample)
 
     s = sub.add_parser("edit", help="complete, inpaint or outpaint an image with a run's AR: the kept tokens are forced, "
@@ -427,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["gen", "recon", "t2i", "adm"])
     s.add_argument("run_dir", help="the run directory; for adm, the samples .npz (uint8 NHWC under arr_0)")
     s.add_argument("--num", type=at_least(2), default=1000, help="samples / held-out images (Inception: ~4 images/s on 2 CPU cores)")
-    s.add_argument("--cfg-scale", type=at_least(0.0, float), default=cfg_scale)
+    add_sampling_options(s, cfg_scale)  # gen; t2i takes --cfg-scales
     s.add_argument("--feature", choices=["inception", "classifier"], default="inception",
                    help="inception: the standard FID network; classifier: the Fashion-MNIST reference classifier (fast)")
     s.add_argument("--batch-size", type=at_least(1), default=50)

@@ -68,6 +68,7 @@ class SampleSettings(Sampling):
     """A class-conditional grid: one row per class."""
 
     classes: tuple[int, ...] = ()  # () = the first up to 10 classes
+    cfg_interval: int = -1  # -1: guidance on every token; N: on the first N + 1 after the prefill's (LlamaGen's)
 
     def resolved_classes(self, num_classes: int) -> tuple[int, ...]:
         return self.classes or tuple(range(min(10, num_classes)))
@@ -78,6 +79,8 @@ class SampleSettings(Sampling):
         bad = [c for c in self.classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"classes {','.join(map(str, bad))} are outside this generator's classes 0..{n - 1}")
+        if self.cfg_interval < -1:
+            raise ValueError(f"cfg interval must be >= -1 (-1 = guidance on every token), got {self.cfg_interval}")
         self.check_sampling(gen.config.vocab_size)
 
     def command(self, run_dir: str, out: str = "samples.png") -> str:
@@ -85,6 +88,8 @@ class SampleSettings(Sampling):
         args = ["gear", "sample", run_dir]
         if self.classes:
             args += ["--classes", ",".join(map(str, self.classes))]
+        if self.cfg_interval != -1:
+            args += ["--cfg-interval", str(self.cfg_interval)]
         return shlex.join(args + self.sampling_args(out))
 
 
@@ -96,8 +101,9 @@ def sample_images(tok: Tokenizer, gen: GPT, settings: SampleSettings,
     device = gen.tok_embeddings.weight.device
     classes = settings.resolved_classes(gen.config.num_classes)
     labels = torch.tensor(classes, device=device).repeat_interleave(settings.per_class)
-    indices = gen.generate(labels, cfg_scale=settings.cfg_scale, temperature=settings.temperature, top_k=settings.top_k,
-                           top_p=settings.top_p, seed=settings.seed, on_token=on_token)
+    indices = gen.generate(labels, cfg_scale=settings.cfg_scale, cfg_interval=settings.cfg_interval,
+                           temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                           seed=settings.seed, on_token=on_token)
     return tok.decode(indices).float().cpu()
 
 

@@ -75,10 +75,12 @@ def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([s.image for s in samples]), torch.tensor([int(s.label) for s in samples])
 
 
-def generation_metrics(tok: Tokenizer, gen: GPT, data: DataConfig, *, num: int, cfg_scale: float, feature: str = "inception",
+def generation_metrics(tok: Tokenizer, gen: GPT, data: DataConfig, *, num: int, cfg_scale: float, cfg_interval: int = -1,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, feature: str = "inception",
                        batch_size: int = 50, seed: int = 0, classifier: ReferenceClassifier | None = None,
                        cache_dir: Path | None = None, npz: str | None = None, progress: bool = False) -> dict:
-    """FID (and precision/recall, class accuracy) of ``num`` class-balanced samples vs the held-out split."""
+    """FID (and precision/recall, class accuracy) of ``num`` class-balanced samples vs the held-out split, drawn with
+    the sampling options of ``gear.models.sampling.generate``."""
     clf = classifier.model if classifier is not None else None
     extractor = make_feature_extractor(feature, clf)
     ref = reference_stats(held_out_batches(data, num, batch_size), num=num, feature=extractor, batch_size=batch_size,
@@ -90,7 +92,8 @@ def generation_metrics(tok: Tokenizer, gen: GPT, data: DataConfig, *, num: int, 
     def sample_fn(labels: torch.Tensor) -> torch.Tensor:
         nonlocal batches
         # one seed per batch, derived from the run seed: the same call gives the same samples
-        indices = gen.generate(labels.to(device), cfg_scale=cfg_scale, seed=seed * 1_000_003 + batches)
+        indices = gen.generate(labels.to(device), cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed * 1_000_003 + batches)
         batches += 1
         images = tok.decode(indices).float().cpu().clamp(-1, 1)
         if npz:
@@ -99,7 +102,8 @@ def generation_metrics(tok: Tokenizer, gen: GPT, data: DataConfig, *, num: int, 
 
     metrics = evaluate_generation(sample_fn, ref, num=num, batch_size=batch_size, classifier=clf,
                                   num_classes=gen.config.num_classes, feature=extractor, progress=progress)
-    result = {**metrics.to_dict(), "cfg_scale": cfg_scale, "seed": seed}
+    result = {**metrics.to_dict(), "cfg_scale": cfg_scale, "cfg_interval": cfg_interval, "temperature": temperature,
+              "top_k": top_k, "top_p": top_p, "seed": seed}
     if classifier is not None:
         result["classifier_test_accuracy"] = classifier.test_accuracy
     if npz:

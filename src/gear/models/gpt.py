@@ -327,6 +327,7 @@ class GPT(nn.Module, Pretrained):
         labels: Tensor,
         *,
         cfg_scale: float = 1.0,
+        cfg_interval: int = -1,
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -336,8 +337,8 @@ class GPT(nn.Module, Pretrained):
     ) -> Tensor:
         """Sample token grids (B, grid_size, grid_size) int64 for class labels (B,); see gear.models.sampling.
         ``known`` keeps the tokens under its mask and samples the rest (editing, gear.edit)."""
-        return generate(self, labels, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                        on_token=on_token, known=known)
+        return generate(self, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, temperature=temperature,
+                        top_k=top_k, top_p=top_p, seed=seed, on_token=on_token, known=known)
 
     def _check_inputs(
         self, tokens: Tensor | SparseSoft, labels: Tensor, tap_layer: int | None, stop_at_tap: bool

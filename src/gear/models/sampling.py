@@ -8,6 +8,10 @@ With guidance (cfg_scale != 1) the batch is run twice as [cond; null] and the lo
 Editing (``KnownTokens``): positions whose token is known are still stepped and sampled, then the known token
 replaces the sample before it is stored and fed back, so the cache holds exactly what a full pass over the edited
 sequence would. A sampled token sees only the known tokens before it in raster order, never those after it.
+
+``cfg_interval`` (LlamaGen's and GEAR's option) limits guidance to the first tokens: -1 guides every token; N >= 0
+guides the prefill's token and the first N + 1 decoded after it, then samples the conditional logits alone (the null
+half still runs, so its cache stays whole).
 """
 
 from __future__ import annotations
@@ -170,6 +174,7 @@ def generate(
     labels: Tensor,
     *,
     cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -190,6 +195,8 @@ def generate(
     cfg = model.config
     device = model.tok_embeddings.weight.device
     check_sampling_args(labels, cfg.num_classes, temperature, top_k, top_p)
+    if cfg_interval < -1:
+        raise ValueError(f"cfg_interval must be >= -1 (-1 = guidance on every token), got {cfg_interval}")
     labels = labels.to(device)
     if known is not None:
         known = known.flat(labels.shape[0], cfg.grid_size, cfg.vocab_size, device)
@@ -221,7 +228,7 @@ def generate(
             cache = KVCache(cfg.n_layer, max_len)
             step = lambda x, t: model.forward_cached(x, start=t, cache=cache)[:, -1]  # noqa: E731
         decode(step, x, model.tok_embeddings, tokens, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
-               top_p=top_p, generator=generator, on_token=on_token, known=known)
+               top_p=top_p, generator=generator, on_token=on_token, cfg_interval=cfg_interval, known=known)
     finally:
         del cache, step  # never outlive the call, even when sampling fails
         for module, mode in modes:
@@ -231,18 +238,23 @@ def generate(
 
 def decode(step: Callable[[Tensor, int], Tensor], x: Tensor, embed: Callable[[Tensor], Tensor], tokens: Tensor, *,
            cfg_scale: float, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
-           on_token: Callable[[int, int], None] | None, known: KnownTokens | None = None) -> None:
+           on_token: Callable[[int, int], None] | None, cfg_interval: int = -1,
+           known: KnownTokens | None = None) -> None:
     """The decode loop of every generator: ``step(x, t)`` gives the logits of position t (the condition's rows
-    first, then one token), guidance mixes the conditional and null halves when ``cfg_scale`` != 1, the sampled
-    token goes to ``tokens[:, t]`` and its embedding (twice when guided) is the next input. ``known`` (flattened,
-    (B, L)) replaces the sample wherever its mask is set."""
+    first, then one token), guidance mixes the conditional and null halves when ``cfg_scale`` != 1 (for
+    t <= cfg_interval + 1 only when ``cfg_interval`` >= 0), the sampled token goes to ``tokens[:, t]`` and its
+    embedding (twice when guided) is the next input. ``known`` (flattened, (B, L)) replaces the sample wherever its
+    mask is set."""
     guided = cfg_scale != 1.0
     length = tokens.shape[1]
     for t in range(length):
         logits = step(x, t)
         if guided:
             cond_logits, uncond_logits = logits.chunk(2)
-            logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
+            if cfg_interval < 0 or t <= cfg_interval + 1:
+                logits = uncond_logits + cfg_scale * (cond_logits - uncond_logits)
+            else:
+                logits = cond_logits
         nxt = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         if known is not None:  # editing: a kept position takes its known token, which is also what is fed back
             nxt = torch.where(known.mask[:, t], known.tokens[:, t], nxt)
