@@ -78,3 +78,9 @@ def test_bad_labels_raise():
         train_classifier(x, y[:4], steps=1)
     with pytest.raises(ValueError, match="labels must lie"):
         train_classifier(x, y + 5, steps=1, config=ClassifierConfig(num_classes=3))
+
+
+def test_a_saved_classifier_carries_a_generic_model_card(tmp_path):
+    Classifier(ClassifierConfig()).save_pretrained(tmp_path / "clf")
+    card = (tmp_path / "clf" / "README.md").read_text()
+    assert "# gear classifier" in card and "- kind: classifier" in card and "from_pretrained" in card

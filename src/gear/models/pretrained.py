@@ -131,7 +131,7 @@ def model_card(kind: str, config: Any, num_params: int, origin: ModelOrigin | No
                 f"downsample {2 ** (len(config.channel_mult) - 1)})")
         load = "tok = gear.load_tokenizer({where}\ncodes = tok.encode(images)  # images in [-1, 1], (B, 3, H, W)"
         pipeline = None
-    else:
+    elif kind == "generator":
         text = config.condition == "text"
         tags = ["autoregressive-image-generation", "text-to-image" if text else "class-conditional"]
         what = (f"an autoregressive image generator ({config.n_layer} layers, dim {config.dim}, {config.vocab_size}-code "
@@ -139,6 +139,9 @@ def model_card(kind: str, config: Any, num_params: int, origin: ModelOrigin | No
                 + ("text-conditioned)" if text else f"{config.num_classes} classes)"))
         load = "gpt = gear.load_generator({where}\ntokens = gpt.generate(labels, cfg_scale=1.5, seed=0)"
         pipeline = "text-to-image" if text else None
+    else:  # another saved module (e.g. the reference classifier of gear.eval): its class's from_pretrained loads it
+        tags, what, pipeline = [kind], f"a {kind}", None
+        load = f"# {kind} = <its class>.from_pretrained({{where}}"
     stage = origin.stage
     meta = ModelCardData(library_name=LIBRARY_NAME, tags=["gear", *tags, *([f"stage-{stage}"] if stage else [])],
                          pipeline_tag=pipeline)
