@@ -37,6 +37,7 @@ def trainer(tokenizer_dir: Path, out: Path, lambda_ar: float, batch: int, store:
 
 def time_steps(tr, n: int) -> float:
     """Seconds per step over ``n`` steps of the loop's per-step work, continuing the trainer's stream."""
+    from gear.train.stage import set_learning_rates
     from gear.train.steps import STEPS, apply_all, ar_step_on_codes
 
     step_fn = ar_step_on_codes if tr.code_store is not None else STEPS["ar"]
@@ -44,7 +45,7 @@ def time_steps(tr, n: int) -> float:
     for _ in range(n):
         batch = next(tr.stream)
         batch = getattr(batch, "samples", batch)  # the data stream's StepBatch, or the store's CodeBatch
-        tr._set_learning_rates()
+        set_learning_rates(tr.opts, tr.cfg.optim, tr.step)
         images, labels = batch.image.to(tr.device), batch.label.to(tr.device)
         target = tr.targets(images, batch.index)
         step_fn(tr.wrapped, tr.opts, tr.step_config(), images, labels, target)

@@ -253,10 +253,6 @@ class Trainer:
             tqdm.write(f"step {step}: {what}: update skipped ({g.in_a_row} in a row, {g.skipped} in all; the run stops "
                        f"after train.max_bad_steps={g.max_bad_steps} in a row)", file=sys.stderr)
 
-    def _set_learning_rates(self) -> None:
-        """The learning rates of the step about to run (``stage.learning_rate``)."""
-        set_learning_rates(self.opts, self.cfg.optim, self.step)
-
     # ------------------------------------------------------------------ logging and previews
 
     def _writer(self):
