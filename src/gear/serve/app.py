@@ -147,6 +147,18 @@ def build_app(explorer: RunExplorer) -> gr.Blocks:
     return demo
 
 
+def sampling_controls(explorer: RunExplorer, prefix: str = "") -> tuple:
+    """The sampler's widgets the Sample and Edit tabs share: CFG scale, temperature, top-k, top-p, seed."""
+    cfg_scale = gr.Slider(0, 10, value=SampleSettings.cfg_scale, step=0.1, label="CFG scale (1 = no guidance)",
+                          elem_id=f"{prefix}cfg-scale")
+    temperature = gr.Slider(0.05, 2, value=1.0, step=0.05, label="Temperature", elem_id=f"{prefix}temperature")
+    top_k = gr.Slider(0, explorer.gen.config.vocab_size, value=0, step=1, label="Top-k (0 = off)",
+                      elem_id=f"{prefix}top-k")
+    top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id=f"{prefix}top-p")
+    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id=f"{prefix}seed")
+    return cfg_scale, temperature, top_k, top_p, seed
+
+
 def _sample_tab(explorer: RunExplorer) -> None:
     """Class picker or prompt box (by the run's kind), the sampling sliders, the grid and its `gear sample` line."""
     text = explorer.kind == "text"
@@ -162,13 +174,7 @@ def _sample_tab(explorer: RunExplorer) -> None:
                                             label="Classes (one row each)", elem_id="classes")
                 per_row = gr.Slider(1, 16, value=DEFAULT_PER_CLASS, step=1,
                                     label="Samples per prompt" if text else "Samples per class", elem_id="per-class")
-                cfg_scale = gr.Slider(0, 10, value=SampleSettings.cfg_scale, step=0.1, label="CFG scale (1 = no guidance)",
-                                      elem_id="cfg-scale")
-                temperature = gr.Slider(0.05, 2, value=1.0, step=0.05, label="Temperature", elem_id="temperature")
-                top_k = gr.Slider(0, explorer.gen.config.vocab_size, value=0, step=1, label="Top-k (0 = off)",
-                                  elem_id="top-k")
-                top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="top-p")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
+                cfg_scale, temperature, top_k, top_p, seed = sampling_controls(explorer)
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 gr.Markdown(f"At most {MAX_IMAGES} images per grid; `gear sample` draws any number.")
             with gr.Column(scale=2):
@@ -229,13 +235,7 @@ def _edit_tab(explorer: RunExplorer) -> None:
                     condition = gr.Dropdown(choices=choices, value=[i for _, i in choices[:2]], multiselect=True,
                                             label="Classes (one row each)", elem_id="edit-classes")
                 num = gr.Slider(1, 16, value=DEFAULT_PER_CLASS, step=1, label="Variants per row", elem_id="edit-num")
-                cfg_scale = gr.Slider(0, 10, value=SampleSettings.cfg_scale, step=0.1, label="CFG scale (1 = no guidance)",
-                                      elem_id="edit-cfg-scale")
-                temperature = gr.Slider(0.05, 2, value=1.0, step=0.05, label="Temperature", elem_id="edit-temperature")
-                top_k = gr.Slider(0, explorer.gen.config.vocab_size, value=0, step=1, label="Top-k (0 = off)",
-                                  elem_id="edit-top-k")
-                top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p (1 = off)", elem_id="edit-top-p")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="edit-seed")
+                cfg_scale, temperature, top_k, top_p, seed = sampling_controls(explorer, "edit-")
                 button = gr.Button("Edit", variant="primary", elem_id="edit-generate")
             with gr.Column(scale=2):
                 with gr.Row():
