@@ -122,9 +122,8 @@ def _print_summary(summary, command: str) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import gear
+    from gear.run import GENERATOR_DIR, is_text_run, load_pair, model_dir
     from gear.sample import DEFAULT_PER_CLASS, SampleSettings, sample_grid
-    from gear.run import check_pair, is_text_run
 
     if args.num is not None:
         return _sample_set(args)
@@ -137,9 +136,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         return _sample_text(args)
     if args.prompt or args.prompts:
         raise ValueError(f"{args.run_dir} is class-conditional: choose classes with --classes, not prompts")
-    tok = gear.load_tokenizer(args.run_dir, ema=not args.live, map_location=args.device)
-    gen = gear.load_generator(args.run_dir, ema=not args.live, map_location=args.device)
-    check_pair(tok, gen)
+    tok, gen = load_pair(args.run_dir, ema=not args.live, device=args.device)
+    if gen is None:
+        model_dir(args.run_dir, GENERATOR_DIR)  # raises: names what is missing, as every loader does
     settings = SampleSettings(classes=tuple(args.classes), per_class=args.per_class, cfg_scale=args.cfg_scale,
                               cfg_interval=args.cfg_interval, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
@@ -340,7 +339,6 @@ def _eval_t2i(args: argparse.Namespace, data, cache) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from gear.hub import resolve
     from gear.models.autoencoder import TOKENIZER_PRESETS, TokenizerConfig
     from gear.models.gpt import GPT_PRESETS, GPTConfig
     from gear.models.pretrained import CONFIG_NAME, ModelOrigin
@@ -358,7 +356,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if (out / CONFIG_NAME).exists():
         raise ValueError(f"{out} already holds a saved model; pass another --out or remove it first")
     overrides = _config_overrides(args.overrides, config_class)
-    model, weights = load(resolve(args.src), args.preset, ema=not args.live, **overrides)
+    model, weights = load(args.src, args.preset, ema=not args.live, **overrides)
     model.save_pretrained(out, ModelOrigin(converted_from=f"{args.src} ({weights.describe()})"))
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {out}: {model.kind} {args.preset} ({n:,} parameters) from {args.src}: {weights.describe()}")

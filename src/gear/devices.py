@@ -1,4 +1,4 @@
-"""The device a user names (``--device``, ``train.device``): checked once, with one line saying what to use instead."""
+"""The device a command names (``--device``): checked once, in gear.cli, with one line saying what to use instead."""
 
 from __future__ import annotations
 

@@ -185,7 +185,13 @@ class Run:
         return GPT.from_pretrained(self.model_dir(GENERATOR_DIR, ema), map_location=device).eval()
 
     def load_pair(self, ema: bool = True, device: str = "cpu") -> tuple[Tokenizer, GPT | None]:
-        return load_pair(self.path, ema=ema, device=device)
+        """The checked pair (no generator for a tokenizer run)."""
+        tok = self.load_tokenizer(ema, device)
+        if self.kind == "tokenizer":
+            return tok, None
+        gen = self.load_generator(ema, device)
+        check_pair(tok, gen)
+        return tok, gen
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.path)

@@ -103,7 +103,6 @@ def read_source(source: str | Path) -> Source:
     if out.tokenizer is None and out.generator is None:
         raise FileNotFoundError(f"{source} holds no saved tokenizer or generator (expected config.json, or a run "
                                 "directory's tokenizer/ or generator/)")
-    out.discriminator = read_discriminator(path)
     return out
 
 
@@ -195,6 +194,8 @@ def export(source: str | Path, fmt: str, out: str | Path, live: bool = False) ->
         raise ValueError("the gear layout holds both weight sets (vq and vq_ema, ar and ema): drop --live")
     if fmt == "llamagen":
         return _export_llamagen(src, Path(out), live)
+    if src.is_run:  # only this layout holds it: the run's whole checkpoint is read for it
+        src.discriminator = read_discriminator(source)
     return _export_gear(src, Path(out))
 
 

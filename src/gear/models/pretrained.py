@@ -39,7 +39,7 @@ class ModelOrigin:
 
     stage: str | None = None            # the training stage that produced it: tokenizer | joint | ar | t2i ...
     step: int | None = None
-    weights: str | None = None          # which weight set of the run: "EMA" or "live"
+    weights: str | None = None          # which weight set of the run: "EMA", "live", or "frozen" (not trained in that stage)
     run_config: dict | None = None      # the run's whole config, as plain data (dataclasses.asdict)
     converted_from: str | None = None   # a released file and how it was read (gear convert)
 
