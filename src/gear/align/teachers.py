@@ -296,20 +296,21 @@ class DinoV2Teacher(Teacher):
             registers = "register" in getattr(model.config, "model_type", "")
             self._pos_owner, self._pos_attr = model.embeddings, "position_embeddings"
         self.resample_once = not registers
-        # grid -> (the embeddings it was resampled from, the resampled ones). Not buffers: the teacher's weights
+        # grid -> (the identity of the embeddings it was resampled from, the resampled ones). Not buffers: the teacher's weights
         # (and their digest in code stores) stay the checkpoint's, whatever grids were used.
-        self._grid_pos: dict[int, tuple[Tensor, nn.Parameter]] = {}
+        self._grid_pos: dict[int, tuple[tuple, nn.Parameter]] = {}
         self.freeze()
 
     def grid_position_embedding(self, grid: int) -> Tensor:
         """The position embeddings the forward uses for a ``grid x grid`` token map (resampled once, cached)."""
         source = getattr(self._pos_owner, self._pos_attr).detach()
+        # which tensor, and which write of it: .to() makes a new one, a weights reload writes in place (no
+        # comparison of values, which would synchronise a GPU on every teacher call)
+        key = (source.data_ptr(), source._version, source.device, source.dtype)
         cached = self._grid_pos.get(grid)
-        fresh = (cached is not None and cached[0].device == source.device and cached[0].dtype == source.dtype
-                 and torch.equal(cached[0], source))  # recomputed after .to() or a weights reload
-        if not fresh:
+        if cached is None or cached[0] != key:
             resampled = nn.Parameter(resample_position_embedding(source, grid).clone(), requires_grad=False)
-            cached = self._grid_pos[grid] = (source.clone(), resampled)
+            cached = self._grid_pos[grid] = (key, resampled)
         return cached[1]
 
     @contextmanager

@@ -169,6 +169,7 @@ class TextGPT(nn.Module, Pretrained):
     _check_tokens = GPT._check_tokens
     reset_parameters = GPT.reset_parameters
     num_params = GPT.num_params
+    preset = GPT.preset  # gpt-t2i is one of GPT_PRESETS
 
     def __init__(self, config: GPTConfig):
         super().__init__()
