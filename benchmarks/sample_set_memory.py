@@ -42,7 +42,7 @@ def peak_rss(argv: list[str], threads: int) -> tuple[float, float]:
     """Run ``argv`` in a child process; its peak resident memory (MiB) and wall time (s)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(child.pid, 0)
     if status != 0:
         raise SystemExit(f"{' '.join(argv)} failed (status {status})")

@@ -17,8 +17,8 @@ import sys
 import numpy as np
 import torch
 
-from gear.data import build_dataset, to_uint8_image
-from gear.eval.convert import to_rgb
+from gear.data import build_dataset
+from gear.eval.convert import to_rgb, to_uint8_nhwc
 from gear.eval.export import write_adm_npz_chunks
 from gear.run import read_run_config
 
@@ -35,13 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.num <= len(split):
         p.error(f"--num must be in 1..{len(split)} (the held-out split's size), got {args.num}")
 
-    def chunks():
-        for start in range(0, args.num, args.batch_size):
-            items = [split[i].image for i in range(start, min(start + args.batch_size, args.num))]
-            images = to_uint8_image(torch.stack(items))
-            yield to_rgb(np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy()))
+    labels = np.zeros(args.num, dtype=np.int64)
 
-    labels = np.array([int(split[i].label) for i in range(args.num)])
+    def chunks():  # each image read once; its label is recorded as it goes by (written after the images)
+        for start in range(0, args.num, args.batch_size):
+            items = [split[i] for i in range(start, min(start + args.batch_size, args.num))]
+            labels[start:start + len(items)] = [int(item.label) for item in items]
+            yield to_rgb(to_uint8_nhwc(torch.stack([item.image for item in items])))
+
     path = write_adm_npz_chunks(chunks(), args.num, args.out, labels=labels)
     print(f"wrote {path}: the first {args.num} images of {data.name}'s held-out split at {data.image_size} px")
     return 0

@@ -5,7 +5,7 @@ list is shuffled from ``(seed, e)``, then split by process and by worker as WebD
 ``split_by_worker`` split it (``order[rank::processes][worker::workers]``), so every shard is read once per epoch
 in all. A reader passes its samples through a shuffle buffer of ``data.shuffle_buffer`` samples (drawn from
 ``(seed, epoch, reader)``) and makes local batches of them; the global batch is the processes' local batches, as
-for the other data sets. Loader worker ``w`` serves the steps ``s`` with ``s % workers == w``, so the stream is a
+for the other data sets. Step ``s`` is served by reader ``s % workers`` of its process, so the stream is a
 pure function of the layout (processes, workers), the seed and the data.
 
 Resume without replay: each batch carries its reader's state after it (epoch, shard order, the shard it has open

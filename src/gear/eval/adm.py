@@ -291,10 +291,10 @@ class ADMEvaluator:
         total = len(batches) if hasattr(batches, "__len__") else None
         with _full_float32():
             for batch in tqdm(batches, total=total, disable=not self.progress, desc="inception"):
-                pixels = torch.as_tensor(np.asarray(batch, dtype=np.float32))
+                pixels = torch.as_tensor(np.asarray(batch))  # uint8 to the device, float there (4x less to move)
                 if pixels.ndim != 4 or pixels.shape[-1] != 3:
                     raise ValueError(f"expected (B, H, W, 3) RGB batches, got shape {tuple(pixels.shape)}")
-                resized = resize_bilinear_tf1(pixels.to(self.device), INPUT_SIZE)
+                resized = resize_bilinear_tf1(pixels.to(self.device).float(), INPUT_SIZE)
                 pool, spatial = self.inception.pool_and_spatial(resized.permute(0, 3, 1, 2))
                 spatial = spatial[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(spatial), -1)
                 pools.append(pool.float().cpu().numpy())
