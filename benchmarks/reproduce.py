@@ -9,9 +9,10 @@
     .venv/bin/python benchmarks/reproduce.py --threads 1 --worker &   # a second process on the same cache
 
 Every training run is a job whose result is cached on disk under ``--cache-dir`` (default runs/reproduce/), keyed
-by (name, seed, a hash of its resolved config, the key of the tokenizer it starts from, a tokenizer job's length):
-an interrupted study continues where it stopped (an AR run from its last evaluation), and a changed setting
-reruns only the jobs it touches. An AR run's length is not in its key: a larger --ar-steps continues the cached
+by (name, seed, its config where it departs from the defaults, the key of the tokenizer it starts from, a tokenizer
+job's length, and what today's code computes with that config: a tiny probe run, see study_probe.py):
+an interrupted study continues where it stopped (an AR run from its last evaluation), and a changed setting or a
+code change that alters training reruns only the jobs it touches; each result records the commit it ran on. An AR run's length is not in its key: a larger --ar-steps continues the cached
 AR runs from their last checkpoint (a run is a prefix of a longer one) and keeps their evaluations. Two processes
 may work on one cache at once (each job is claimed with a lock file; ``--worker`` runs jobs and leaves the report
 to the other): that is how ``make reproduce`` uses both cores. The AR stages train on a code store (``gear extract``) shared by every job, so an AR step costs what the
@@ -54,8 +55,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import (  # noqa: E402  (sibling modules, also when this file is imported by the tests)
-    CONFIGS, PARTS, PRESETS, ROOT, Budget, Job, ResultCache, build_study, plan_lines, resolved_config, slug,
+    CONFIGS, PARTS, PRESETS, ROOT, Budget, Job, ResultCache, build_study, code_version, plan_lines, resolved_config,
+    slug,
 )
+from study_probe import Probe  # noqa: E402
 from study_report import collect, make_figures, write_report  # noqa: E402
 
 
@@ -63,8 +66,10 @@ from study_report import collect, make_figures, write_report  # noqa: E402
 
 
 class Runner:
-    def __init__(self, budget: Budget, cache: ResultCache, data, device: str, log: Callable[[str], None]):
+    def __init__(self, budget: Budget, cache: ResultCache, data, device: str, log: Callable[[str], None],
+                 code: dict[str, str] | None = None):
         self.budget, self.cache, self.data, self.device, self.log = budget, cache, data, device, log
+        self.code = code or {}  # {"commit", "source"}: recorded with every result and evaluation
         self.classifier = None
         self.store = cache.root / "codes"
 
@@ -108,7 +113,11 @@ class Runner:
             result = self._run_ar(job)
         else:
             result = self._run_tokenizer(job)
-        result["wall_seconds"] = time.time() - t0
+        # a continued AR run also counts the pieces before this one (their evaluations record their seconds)
+        earlier = sum(p.get("seconds", 0.0) for p in result.get("points", [])[: result.pop("earlier_points", 0)])
+        result["wall_seconds"] = time.time() - t0 + earlier
+        result["code"] = sorted({p["code"] for p in result.get("points", []) if p.get("code")} | {self.code.get("commit", "")} - {""})
+        result["source"] = self.code.get("source", "")
         self.cache.save_result(job, result)
         self.log(f"{job.name} s{job.seed}: done in {result['wall_seconds'] / 60:.1f} min")
 
@@ -174,15 +183,18 @@ class Runner:
         if at == 0 and run_dir.exists():
             shutil.rmtree(run_dir)
         points = [p for p in self.cache.progress(job) if p["step"] <= at]
+        earlier = len(points)
         seconds, trainer = 0.0, None
         for step in job.evals:
             if step < at or any(p["step"] == step for p in points):
                 continue
+            t0 = time.time()
             if step > at:
                 trainer = trainer or self._trainer(cfg)
                 seconds += self._train_to(trainer, step)
                 at = step
-            points.append(self.eval_generation(run_dir, step))
+            points.append({**self.eval_generation(run_dir, step), "seconds": time.time() - t0,
+                           "code": self.code.get("commit", "")})
             self.cache.save_progress(job, points)
             self.log(f"  {job.name} s{job.seed} step {step}: FID {points[-1]['fid']:.2f}")
         missing = sorted(set(job.evals) - {p["step"] for p in points})
@@ -190,7 +202,8 @@ class Runner:
             raise ValueError(f"{job.name} s{job.seed}: its cached run (checkpoint at step {at}) was never evaluated at "
                              f"steps {missing} of this schedule; choose a budget and schedule whose evaluation steps "
                              f"below {at} are among its evaluated ones ({', '.join(str(p['step']) for p in points)})")
-        return {"points": points, "loop_seconds": seconds, "extract_seconds": done.seconds if done.wrote else 0.0}
+        return {"points": points, "loop_seconds": seconds, "extract_seconds": done.seconds if done.wrote else 0.0,
+                "earlier_points": earlier}
 
     def eval_generation(self, run_dir: Path, step: int) -> dict:
         from gear.eval.runs import generation_metrics
@@ -278,17 +291,19 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     extra = [f"train.device={args.device}", *args.overrides]
     data = dataclasses.replace(load_config(CONFIGS / "fmnist-tokenizer.yaml", extra).data, limit=0)
-    cache = ResultCache(args.cache_dir, budget, extra)
-    study = build_study(budget, parts)
     start = time.time()
 
     def log(message: str) -> None:
         print(f"[{(time.time() - start) / 60:6.1f} min] {message}", flush=True)
 
+    probe = Probe(args.cache_dir / "probes", budget, extra, data, reference=lambda: runner.reference(), log=log)
+    cache = ResultCache(args.cache_dir, budget, extra, behaviour=probe)
+    study = build_study(budget, parts)
+    runner = Runner(budget, cache, data, args.device, log, code={"commit": code_version(), "source": probe.source})
+
     if args.plan:
         print("\n".join(plan_lines(study, cache, cpu=args.device == "cpu")))
         return None
-    runner = Runner(budget, cache, data, args.device, log)
     if not args.report_only:
         runner.run_all(study.jobs)
     if args.worker:

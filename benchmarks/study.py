@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -31,7 +31,7 @@ class Budget:
     long_joint_steps: int = 400            # the joint runs of the STE collapse study
     batch_size: int = 32
     seeds: tuple[int, ...] = (0, 1, 2)     # GEAR and LlamaGen-REPA+ (the main comparison) run every seed ...
-    control_seeds: int = 1                 # ... LlamaGen+, GEAR lambda_tok=0 and STE the first control_seeds ...
+    control_seeds: int = 3                 # ... LlamaGen+, GEAR lambda_tok=0 and STE the first control_seeds ...
     reference_seeds: int = 1               # ... LlamaGen and LlamaGen-REPA on the warm-up tokenizer the first few
     fid_samples: int = 500                 # per FID on the reference classifier's features
     recon_samples: int = 1000              # held-out images per tokenizer evaluation
@@ -60,7 +60,7 @@ PRESETS = {
     "cpu": Budget(),
     # smoke run of every part: a few minutes on 2 cores
     "quick": Budget(warmup_steps=8, joint_steps=6, ar_steps=12, dense_until=8, dense_every=4, sparse_every=4,
-                    short_ar_steps=8, long_joint_steps=10, seeds=(0, 1), fid_samples=40, recon_samples=40,
+                    short_ar_steps=8, long_joint_steps=10, seeds=(0, 1), control_seeds=2, fid_samples=40, recon_samples=40,
                     grid_per_class=2, batch_size=16, data_limit=512),
     # one GPU: a 5M-parameter AR, 4x the batch and longer schedules (about an hour on one H100-class GPU)
     "gpu": Budget(warmup_steps=2000, joint_steps=1000, ar_steps=8000, dense_until=3000, dense_every=100, sparse_every=500,
@@ -132,20 +132,83 @@ def resolved_config(job: Job, budget: Budget, extra: list[str], out_dir: str = "
         *job.overrides, *extra])
 
 
-def job_key(job: Job, budget: Budget, extra: list[str]) -> str:
-    """A hash of what the job computes: its resolved config (paths aside), its init's key, its evaluations."""
-    return _job_key(job, budget, tuple(extra))
+def job_key(job: Job, budget: Budget, extra: list[str], behaviour: Callable[[Job], str]) -> str:
+    """A hash of what the job computes: its configuration where it departs from the defaults (paths and, for an
+    AR run, its length aside), its init's key, its evaluations, and ``behaviour(job)``: what the code does with
+    that configuration today (``study_probe.Probe``: a tiny run of the job's own configuration). A new config
+    field that defaults to the old behaviour leaves keys as they were; a code change that alters training
+    changes the keys of the jobs it alters, and only theirs."""
+    init = job_key(job.init, budget, extra, behaviour) if job.init else None
+    spec = {"kind": job.kind, "config": config_delta(job, budget, extra), "init": init,
+            "evals": None if job.kind == "ar" else list(job.evals),
+            "evaluation": {"fid_samples": budget.fid_samples, "recon_samples": budget.recon_samples},
+            "behaviour": behaviour(job)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def config_delta(job: Job, budget: Budget, extra: list[str] | tuple[str, ...]) -> dict:
+    """The job's resolved config without paths (and an AR run's length), only where it departs from the defaults."""
+    return _config_delta(job, budget, tuple(extra))
 
 
 @functools.lru_cache(maxsize=None)
-def _job_key(job: Job, budget: Budget, extra: tuple[str, ...]) -> str:
+def _config_delta(job: Job, budget: Budget, extra: tuple[str, ...]) -> dict:
+    from gear.config import Config
+
     cfg = resolved_config(job, budget, list(extra)).to_dict()
     for section, key in PATH_KEYS + (AR_LENGTH_KEYS if job.kind == "ar" else ()):
         cfg[section].pop(key, None)
-    evaluation = {"fid_samples": budget.fid_samples, "recon_samples": budget.recon_samples}
-    spec = {"kind": job.kind, "config": cfg, "init": _job_key(job.init, budget, extra) if job.init else None,
-            "evals": None if job.kind == "ar" else list(job.evals), "evaluation": evaluation}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return departures(cfg, json.loads(json.dumps(Config().to_dict(), default=str)))
+
+
+def departures(tree: dict, defaults: dict) -> dict:
+    """The entries of a config tree that differ from ``defaults`` (nested by section); fields that ``defaults``
+    lacks are kept."""
+    out = {}
+    for name, value in tree.items():
+        value = json.loads(json.dumps(value, default=str))
+        if isinstance(value, dict) and isinstance(defaults.get(name), dict):
+            inner = departures(value, defaults[name])
+            if inner:
+                out[name] = inner
+        elif name not in defaults or defaults[name] != value:
+            out[name] = value
+    return out
+
+
+def source_fingerprint(root: Path = ROOT / "src" / "gear") -> str:
+    """What the library's code says, not how it is written: a hash of every module's syntax tree without
+    docstrings (comments and layout do not reach the tree), with torch's version. Probes are remeasured when it
+    changes; the report shows it next to the commit."""
+    import ast
+
+    import torch
+
+    digest = hashlib.sha256(torch.__version__.encode())
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(str(path.relative_to(root)).encode() + ast.dump(tree).encode())
+    return digest.hexdigest()[:12]
+
+
+def code_version(root: Path = ROOT) -> str:
+    """The commit the library's code is at, with ``+changes`` when src/ or benchmarks/ differ from it."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "--short=10", "HEAD") or "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--", "src", "benchmarks") else "")
 
 
 def _alive(pid: int) -> bool:
@@ -163,13 +226,13 @@ class ResultCache:
     ``result.json`` (written last, atomically: a job with it is done; an AR job only when it holds every evaluation
     of the job's schedule), ``lock`` (the pid working on it)."""
 
-    def __init__(self, root: Path, budget: Budget, extra: list[str]):
-        self.root, self.budget, self.extra = Path(root), budget, list(extra)
+    def __init__(self, root: Path, budget: Budget, extra: list[str], behaviour: Callable[[Job], str]):
+        self.root, self.budget, self.extra, self.behaviour = Path(root), budget, list(extra), behaviour
         self._keys: dict[Job, str] = {}
 
     def key(self, job: Job) -> str:
         if job not in self._keys:
-            self._keys[job] = job_key(job, self.budget, self.extra)
+            self._keys[job] = job_key(job, self.budget, self.extra, self.behaviour)
         return self._keys[job]
 
     def dir(self, job: Job) -> Path:

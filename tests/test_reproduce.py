@@ -121,42 +121,79 @@ def test_the_controls_extra_seeds_run_last():
     assert all(job.init is None or st.jobs.index(job.init) < st.jobs.index(job) for job in st.jobs)
 
 
+def same(job):
+    return "b"
+
+
 def test_job_keys_follow_what_a_job_computes():
     st = study.build_study(SMALL, ("main",))
     gear = st.ar[("GEAR", 0)]
-    key = study.job_key(gear, SMALL, [])
-    assert study.job_key(gear, SMALL, []) == key
+    key = study.job_key(gear, SMALL, [], same)
+    assert study.job_key(gear, SMALL, [], same) == key
     changed = [
-        study.job_key(dataclasses.replace(gear, overrides=("align.lambda_ar=0.25",)), SMALL, []),
-        study.job_key(dataclasses.replace(gear, seed=7), SMALL, []),
-        study.job_key(gear, SMALL, ["optim.lr=1e-3"]),
-        study.job_key(gear, dataclasses.replace(SMALL, fid_samples=30), []),
-        study.job_key(dataclasses.replace(gear, init=dataclasses.replace(gear.init, steps=4)), SMALL, []),  # its tokenizer
+        study.job_key(dataclasses.replace(gear, overrides=("align.lambda_ar=0.25",)), SMALL, [], same),
+        study.job_key(dataclasses.replace(gear, seed=7), SMALL, [], same),
+        study.job_key(gear, SMALL, ["optim.lr=1e-3"], same),
+        study.job_key(gear, dataclasses.replace(SMALL, fid_samples=30), [], same),
+        study.job_key(dataclasses.replace(gear, init=dataclasses.replace(gear.init, steps=4)), SMALL, [], same),  # its tokenizer
     ]
     assert key not in changed and len(set(changed)) == len(changed)
     # an AR run is a prefix of a longer one: its length and evaluations are not part of its key (a tokenizer's are)
     longer = dataclasses.replace(gear, steps=80, evals=(10, 40, 80))
-    assert study.job_key(longer, dataclasses.replace(SMALL, ar_steps=80), []) == key
-    assert study.job_key(dataclasses.replace(gear.init, steps=9), SMALL, []) != study.job_key(gear.init, SMALL, [])
+    assert study.job_key(longer, dataclasses.replace(SMALL, ar_steps=80), [], same) == key
+    assert study.job_key(dataclasses.replace(gear.init, steps=9), SMALL, [], same) != study.job_key(gear.init, SMALL, [], same)
     # where runs are written is not part of what they compute
     paths = study.resolved_config(gear, SMALL, [], out_dir="/a", init_dir="/b", store="/c")
     assert paths.train.out_dir == "/a" and paths.model.tokenizer_init == "/b" and paths.data.code_store == "/c"
 
 
+def test_job_keys_follow_the_codes_behaviour_and_not_new_default_fields():
+    st = study.build_study(SMALL, ("main",))
+    gear, plus = st.ar[("GEAR", 0)], st.ar[("LlamaGen-REPA+", 0)]
+    joint = gear.init
+
+    def changed_joint(job):  # the code now computes something else for the GEAR joint stage only
+        return "new" if job == joint else "b"
+
+    assert study.job_key(gear, SMALL, [], changed_joint) != study.job_key(gear, SMALL, [], same)  # and the AR on it
+    assert study.job_key(joint, SMALL, [], changed_joint) != study.job_key(joint, SMALL, [], same)
+    assert study.job_key(plus, SMALL, [], changed_joint) == study.job_key(plus, SMALL, [], same)
+    # the config part is what departs from the defaults: a field the code gains, at its default, changes nothing
+    delta = study.config_delta(gear, SMALL, [])
+    assert delta["train"]["stage"] == "ar" and "grad_checkpointing" not in delta["train"]
+    assert "out_dir" not in delta["train"] and "steps" not in delta["train"]
+    tree = {"train": {"stage": "ar", "seed": 0, "new_field": 1.0}, "align": {"tap_layer": 2}}
+    defaults = {"train": {"stage": "joint", "seed": 0, "new_field": 1.0}, "align": {"tap_layer": 2}}
+    assert study.departures(tree, defaults) == {"train": {"stage": "ar"}}
+    assert study.departures({"train": {"seed": 3}}, defaults) == {"train": {"seed": 3}}
+
+
+def test_the_source_fingerprint_reads_code_not_comments_or_docstrings(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text('"""Doc."""\n\ndef f(x):\n    """Twice."""\n    return 2 * x  # comment\n')
+    before = study.source_fingerprint(pkg)
+    (pkg / "m.py").write_text('"""Another doc."""\n\n\ndef f(x):\n    # a new comment\n    return 2 * x\n')
+    assert study.source_fingerprint(pkg) == before
+    (pkg / "m.py").write_text('def f(x):\n    return 3 * x\n')
+    assert study.source_fingerprint(pkg) != before
+    assert study.code_version().split("+")[0] != "unknown"
+
+
 def test_the_cache_keeps_results_progress_and_locks(tmp_path):
-    cache = study.ResultCache(tmp_path, SMALL, [])
+    cache = study.ResultCache(tmp_path, SMALL, [], same)
     job = study.build_study(SMALL, ("main",)).ar[("GEAR", 1)]
     assert cache.result(job) is None and cache.progress(job) == []
     cache.save_progress(job, [{"step": 10, "fid": 50.0}])
     assert cache.progress(job) == [{"step": 10, "fid": 50.0}] and cache.result(job) is None
     cache.save_result(job, {"points": [{"step": s, "fid": 50.0 - s} for s in job.evals]})
-    assert study.ResultCache(tmp_path, SMALL, []).result(job)["points"][0]["fid"] == 40.0  # a new process sees it
+    assert study.ResultCache(tmp_path, SMALL, [], same).result(job)["points"][0]["fid"] == 40.0  # a new process sees it
     longer = dataclasses.replace(job, steps=2 * job.steps, evals=(*job.evals, 2 * job.steps))
     assert cache.dir(longer) == cache.dir(job) and cache.result(longer) is None  # a larger budget continues the run
     shorter = dataclasses.replace(job, steps=job.evals[1], evals=job.evals[:2])  # reads the points of its schedule
     assert [p["step"] for p in cache.result(shorter)["points"]] == list(job.evals[:2])
     assert cache.dir(job).name.startswith("gear-ar-s1-")
-    assert study.ResultCache(tmp_path, SMALL, ["optim.lr=1e-3"]).result(job) is None  # other settings, other key
+    assert study.ResultCache(tmp_path, SMALL, ["optim.lr=1e-3"], same).result(job) is None  # other settings, other key
 
     assert cache.claim(job) and cache.claim(job)  # this process holds it
     cache.release(job)
@@ -170,7 +207,7 @@ def test_the_cache_keeps_results_progress_and_locks(tmp_path):
 
 def test_the_plan_estimate_counts_only_what_a_continued_run_has_left(tmp_path):
     st = study.build_study(SMALL, ("main",))
-    cache = study.ResultCache(tmp_path, SMALL, [])
+    cache = study.ResultCache(tmp_path, SMALL, [], same)
     fresh = study.estimate_seconds(st, cache)
     job = st.ar[("GEAR", 0)]
     cache.save_progress(job, [{"step": s, "fid": 1.0} for s in job.evals if s <= SMALL.ar_steps // 2])
@@ -194,7 +231,7 @@ class RecordingRunner(reproduce.Runner):
 
 def test_a_continued_study_runs_only_what_is_missing_and_leaves_held_jobs(tmp_path):
     st = study.build_study(SMALL, ("main",))
-    cache = study.ResultCache(tmp_path, SMALL, [])
+    cache = study.ResultCache(tmp_path, SMALL, [], same)
     first = RecordingRunner(cache)
     first.run_all(st.jobs[:5])
     assert first.order == st.jobs[:5]
@@ -217,7 +254,7 @@ def test_a_continued_study_runs_only_what_is_missing_and_leaves_held_jobs(tmp_pa
 def synthetic_cache(tmp_path, gear_offset=5.0, ste_perplexity=4.0):
     """Results for every job of SMALL: FID falls with steps, GEAR below the baselines by ``gear_offset``."""
     st = study.build_study(SMALL, study.PARTS)
-    cache = study.ResultCache(tmp_path, SMALL, [])
+    cache = study.ResultCache(tmp_path, SMALL, [], same)
     offsets = {"LlamaGen": 40.0, "LlamaGen-REPA": 30.0, "LlamaGen+": 38.0, "LlamaGen-REPA+": 28.0,
                "GEAR": 28.0 - gear_offset, "GEAR lambda_tok=0": 27.0, "STE": 90.0}
     for job in st.jobs:
