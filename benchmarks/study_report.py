@@ -179,6 +179,50 @@ def short_run_noise(c: Collected) -> float | None:
     return g.half_range + r.half_range if g and r and g.n > 1 and r.n > 1 else None
 
 
+CONTROLS = (  # (control, what it is compared with, what the comparison isolates)
+    ("LlamaGen-REPA+", "GEAR", "GEAR's joint stage against reconstruction-only tokenizer steps (the claim)"),
+    ("GEAR lambda_tok=0", "GEAR", "the REPA gradient into the tokenizer (the soft branch), all else equal"),
+    ("GEAR lambda_tok=0", BASELINE, "the joint stage without the soft branch against reconstruction-only steps"),
+    ("LlamaGen+", BASELINE, "REPA in the AR, on the same tokenizers"),
+    ("STE", "GEAR", "the straight-through path into the tokenizer instead of the soft branch"),
+)
+
+
+def control_lines(c: Collected) -> list[list[str]]:
+    """Each control against what it is compared with, at the main budget's last step: the two seed spreads and
+    whether the difference is outside them."""
+    rows = []
+    final = c.study.budget.ar_steps
+    for control, other, isolates in CONTROLS:
+        a, b = c.fid_at(control, final), c.fid_at(other, final)
+        if a is None or b is None:
+            rows.append([f"{control} vs {other}", isolates, fmt_spread(a), fmt_spread(b), "-", "not run yet"])
+            continue
+        verdict = compare_lower_better(a, b)
+        outside = {"lower": f"outside the seed spread: {control} lower", "higher": f"outside the seed spread: {control} higher",
+                   "within seed noise": "within the seed spread"}.get(verdict, verdict)
+        rows.append([f"{control} vs {other}", isolates, f"{fmt_spread(a)} ({a.n})", f"{fmt_spread(b)} ({b.n})",
+                     fmt(a.mean - b.mean), outside])
+    return rows
+
+
+def job_lines(c: Collected) -> tuple[list[list[str]], float, dict[str, int]]:
+    """Per finished job: minutes (every piece of a continued run) and the commits it ran on; the total hours and
+    how many jobs each commit ran."""
+    rows, seconds, commits = [], 0.0, {}
+    for job in c.study.jobs:
+        r = c.result(job)
+        if r is None:
+            continue
+        seconds += r.get("wall_seconds", 0.0)
+        code = r.get("code") or ["not recorded"]
+        for commit in code:
+            commits[commit] = commits.get(commit, 0) + 1
+        rows.append([job.name, str(job.seed), job.kind, str(job.steps), fmt(r.get("wall_seconds", 0.0) / 60, 1),
+                     ", ".join(code), r.get("source") or "-"])
+    return rows, seconds, commits
+
+
 def repa_summary(c: Collected) -> str:
     """One sentence on the alignment set-up: the default and the best variant against no alignment."""
     b = c.study.budget
@@ -368,6 +412,10 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
                 if c.curves(m)[1]]
         lines += ["", f"Convergence criterion: the seed-mean FID falls by less than {100 * CONVERGED_DROP:g}% over the "
                   f"last quarter of the AR budget. Holds: {', '.join(conv) or '-'}.", ""]
+        lines += ["## Controls", "", f"FID at AR step {b.ar_steps}, mean ± half the seed range (seeds); a difference is "
+                  "called outside the seed spread when the two ranges do not overlap.", ""]
+        lines += markdown_table(["comparison", "what it isolates", "control", "compared with", "difference", "verdict"],
+                                control_lines(c)) + [""]
     if c.study.long_joint:
         lines += ["## STE: the codebook over joint training", ""]
         warm = c.tokenizer("warm-up", "codebook_perplexity")
@@ -408,10 +456,13 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
     if grids:
         lines += [f"## Samples (seed {b.seeds[0]}, final AR, one row per class)", ""]
         lines += [f"**{m}**\n\n![{m}]({g})\n" for m, g in grids.items()]
-    seconds = sum((c.result(j) or {}).get("wall_seconds", 0.0) for j in c.study.jobs)
-    lines += ["## Time", "", f"Jobs done: {sum(c.result(j) is not None for j in c.study.jobs)} of {len(c.study.jobs)}; "
-              f"their wall time adds up to {seconds / 3600:.2f} h (two processes overlap; a job continued after an "
-              "interruption counts its last piece only).", ""]
+    rows, seconds, commits = job_lines(c)
+    lines += ["## Jobs: time and code", "", f"Jobs done: {len(rows)} of {len(c.study.jobs)}; their wall time adds up to "
+              f"{seconds / 3600:.2f} h (two processes overlap; a continued AR run counts every piece). Commits: "
+              + ", ".join(f"{k} ({v} jobs)" for k, v in commits.items()) + ". 'source' is the library's source "
+              "fingerprint (benchmarks/study.py: source_fingerprint) the job ran on; a job is reused across commits "
+              "only while its probe (benchmarks/study_probe.py) computes the same numbers.", ""]
+    lines += markdown_table(["job", "seed", "kind", "steps", "minutes", "commit", "source"], rows) + [""]
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

@@ -299,6 +299,24 @@ def test_report_states_a_verdict_per_claim(tmp_path):
     assert "controls (LlamaGen+, GEAR lambda_tok=0, STE) seeds 0, 1, LlamaGen and LlamaGen-REPA seed 0." in text
 
 
+def test_report_judges_each_control_against_the_seed_spread_and_lists_jobs_with_their_code(tmp_path):
+    st, cache = synthetic_cache(tmp_path)
+    job = st.ar[("GEAR lambda_tok=0", 1)]
+    cache.save_result(job, {**cache.result(job), "code": ["abc1234567"], "source": "f00d"})
+    text = study_report.write_report(study_report.collect(st, cache), tmp_path / "out", "cmd", "CPU", [], {}).read_text()
+    section = text.split("## Controls", 1)[1].split("##", 1)[0]
+    rows = {r.strip("|").split("|")[0].strip(): [x.strip() for x in r.strip("|").split("|")]
+            for r in section.splitlines() if r.startswith("| ") and "---" not in r}
+    # final FID = offset + 400 / 40 + 0.2 x seed: lambda_tok=0 37.0-37.2 (seeds 0, 1), GEAR 33.0-33.4, baseline 38.0-38.4
+    assert rows["GEAR lambda_tok=0 vs GEAR"][2:] == ["37.10 ± 0.10 (2)", "33.20 ± 0.20 (3)", "3.90",
+                                                     "outside the seed spread: GEAR lambda_tok=0 higher"]
+    assert rows[f"GEAR lambda_tok=0 vs {study.BASELINE}"][-1] == "outside the seed spread: GEAR lambda_tok=0 lower"
+    assert rows[f"{study.BASELINE} vs GEAR"][-1] == f"outside the seed spread: {study.BASELINE} higher"
+    jobs = text.split("## Jobs: time and code", 1)[1]
+    assert f"Jobs done: {len(st.jobs)} of {len(st.jobs)}" in jobs and "abc1234567 (1 jobs)" in jobs
+    assert "| gear-lambda-tok0-ar | 1 | ar | 40 | 0.2 | abc1234567 | f00d |" in jobs
+
+
 def test_report_says_inconclusive_within_seed_noise_and_partial_when_unfinished(tmp_path):
     st, cache = synthetic_cache(tmp_path, gear_offset=0.1, ste_perplexity=390.0)
     text = study_report.write_report(study_report.collect(st, cache), tmp_path / "a", "cmd", "CPU", [], {}).read_text()
@@ -407,6 +425,10 @@ def test_quick_study_interrupted_and_continued_writes_a_full_report(tmp_path, mo
     run = next(cache_dir.glob(f"jobs/*-s{first_ar['seed']}-{first_ar['key']}")) / "run"
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "ar/ntp" in x]
     assert steps == sorted(set(steps)) and steps[-1] == budget.ar_steps
+    # its time counts both pieces, and it records the commit it ran on
+    points = first_ar["result"]["points"]
+    assert first_ar["result"]["wall_seconds"] >= sum(p["seconds"] for p in points) > 0
+    assert all(p["code"] for p in points) and first_ar["result"]["code"] and first_ar["result"]["source"]
     # everything is cached: a third call trains nothing
     again = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce.py"), *args, "--plan"], capture_output=True, text=True)
     assert f"{len(results['jobs'])} jobs, {len(results['jobs'])} done" in again.stdout
