@@ -220,9 +220,11 @@ def describe(a, b) -> list[str]:
             lines.append(f"    {group:13} over {owners}: {len(u.params)} tensors, lr {g['lr']:g}, betas {g['betas']}, "
                          f"eps {g['eps']:g}, wd {g['weight_decay']:g}, fused {g['fused']}, clip {u.grad_clip:g} "
                          f"(per optimizer), accumulate {u.accumulate}")
+        last = t.cfg.train.steps - 1
+        lrs = [learning_rate(t.cfg.optim, "tokenizer", s) for s in (0, 1, last)]
         lines.append(f"    EMA: {[(k, e.decay) for k, e in t.emas.items()]}; discriminator from {t.discriminator_source}; "
-                     f"step counter starts at {p.start_step}; GAN active from step {t.cfg.loss.gan_start}; tokenizer lr at "
-                     f"steps 0, 1, {t.cfg.train.steps - 1}: {[learning_rate(t.cfg.optim, 'tokenizer', s) for s in (0, 1, t.cfg.train.steps - 1)]}")
+                     f"step counter starts at {p.start_step}; GAN active from step {t.cfg.loss.gan_start}; "
+                     f"tokenizer lr at steps 0, 1, {last}: {lrs}")
         modes = {k: getattr(t.m, k).training for k in ("tokenizer", "discriminator", "perceptual", "teacher", "generator")
                  if getattr(t.m, k) is not None}
         lines.append(f"    train mode: {modes}; tokenizer dropout {t.m.tokenizer.config.dropout}; "
@@ -339,14 +341,17 @@ def main() -> None:
     print(sub)
     for row in rows:
         print(fmt_row(row, groups))
-    print("(first diff: the first step after which the two differ (start: before any step). |A-B|/|A-A0|: the distance between the paths over the distance path A moved from the warm-up; for the "
-          "optimizer state, which starts empty, over |A|. RNG: the first tokenizer forward at which the global RNG state "
-          "differed. max|dL_tok|: the largest difference of the tokenizer loss at one step.)")
+    print("(first diff: the first step after which the two differ (start: before any step). |A-B|/|A-A0|: the "
+          "distance between the paths over the distance path A moved from the warm-up; for the optimizer state, which "
+          "starts empty, over |A|. RNG: the first tokenizer forward at which the global RNG state differed. "
+          "max|dL_tok|: the largest difference of the tokenizer loss at one step.)")
     print()
     for row in rows:
         v = row["variant"]
-        spec = "; ".join(x for x in (f"both: {' '.join(v.both)}" if v.both else "", f"A: {' '.join(v.only_a)}" if v.only_a else "",
-                                     f"B: {' '.join(v.only_b)}" if v.only_b else "", f"B = {v.b_label}" if v.b_label != B_LABEL else "") if x)
+        spec = "; ".join(x for x in (f"both: {' '.join(v.both)}" if v.both else "",
+                                     f"A: {' '.join(v.only_a)}" if v.only_a else "",
+                                     f"B: {' '.join(v.only_b)}" if v.only_b else "",
+                                     f"B = {v.b_label}" if v.b_label != B_LABEL else "") if x)
         start = [g for g, same in row["start_equal"].items() if not same]
         print(f"  {v.name}: {v.note}{' [' + spec + ']' if spec else ''}"
               f"{'; differ at the start: ' + ', '.join(start) if start else ''}")
