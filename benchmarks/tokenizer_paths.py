@@ -79,7 +79,7 @@ VARIANTS = {v.name: v for v in (
 
 def budget_for(args) -> Budget:
     return Budget(warmup_steps=args.warmup_steps, joint_steps=args.steps, batch_size=args.batch, data_limit=args.limit,
-                  seeds=(args.seed,), generator=args.generator)
+                  seeds=(args.seed,), control_seeds=1, reference_seeds=1, generator=args.generator)
 
 
 def job_config(label: str, args, work: Path, name: str, warm_dir: Path, extra: list[str]):
