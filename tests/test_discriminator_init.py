@@ -221,6 +221,18 @@ def test_a_fresh_discriminator_is_reported(init, tok, tmp_path, capsys):
     assert "discriminator_init" not in load_tensors(ckpt.checkpoint_path(run))  # the checkpoint of a fresh start is as before
 
 
+def test_a_fresh_discriminator_is_the_same_in_both_stages(tmp_path):
+    """A joint stage builds its AR and projector before the discriminator: their draws must not change a fresh one
+    (the study's tokenizer+ and GEAR lambda_tok=0 continuations then start from the same)."""
+    def fresh(stage_yaml: str, seed: int) -> dict[str, torch.Tensor]:
+        cfg = config(stage_yaml, tmp_path, 1, "model.tokenizer_init=", f"train.seed={seed}")
+        torch.manual_seed(seed)  # as the trainer seeds the build
+        return state(build_modules(cfg, num_classes=10, target_dim=24, perceptual=False).discriminator)
+
+    assert_equal(fresh("joint", 0), fresh("tokenizer", 0))
+    assert differs(fresh("tokenizer", 1), fresh("tokenizer", 0))
+
+
 def test_discriminator_init_overrides_the_tokenizer_inits(tok, tmp_path, capsys):
     disc = trained_discriminator(channels=64, layers=3)  # the tokenizer run's shapes (the defaults)
     path = gear_file(tmp_path / "vq-with-gan.pt", "vq", disc)

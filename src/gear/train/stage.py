@@ -81,7 +81,8 @@ def build_modules(cfg: Config, num_classes: int, device: torch.device | str = "c
                   perceptual: bool = True, distributed: bool = False,
                   discriminator: DiscriminatorWeights | None = None) -> Modules:
     """The modules of ``cfg.train.stage``, seeded by the caller, built in a fixed order (tokenizer, generator,
-    teacher, projector, perceptual network, discriminator) so that one seed gives one set of weights.
+    teacher, projector, perceptual network, discriminator) so that one seed gives one set of weights; a fresh
+    discriminator is the same in a tokenizer and a joint stage of one seed.
 
     ``null``: the text encoder's empty caption, for a text-conditioned AR. ``tokenizer``: use this one instead of
     the config's (a resumed ar run keeps the tokenizer it started with). ``target_dim``: the alignment target's
@@ -93,6 +94,10 @@ def build_modules(cfg: Config, num_classes: int, device: torch.device | str = "c
     stage, dev = cfg.train.stage, torch.device(device)
     tokenizer = (tokenizer if tokenizer is not None else tokenizer_from_config(cfg)).to(dev)
     m = Modules(tokenizer=tokenizer)
+    # Where a tokenizer stage builds its perceptual network and discriminator from: a joint stage returns there after
+    # its AR, teacher and projector, so that one seed gives both stages the same fresh discriminator (its draws then
+    # repeat some of the AR side's; nothing is drawn after it).
+    after_tokenizer = torch.random.get_rng_state()
     if stage in GENERATOR_STAGES:
         m.generator = generator_from_config(cfg, tokenizer, num_classes, null).to(dev)
         tap_layer(cfg, m.generator.config.n_layer)  # a tap below the last block, checked before anything trains
@@ -101,6 +106,7 @@ def build_modules(cfg: Config, num_classes: int, device: torch.device | str = "c
             m.teacher = build_teacher(cfg.align.teacher, path=cfg.align.teacher_path or None).to(dev)
         m.projector = Projector(m.generator.config.dim, target_dim or m.teacher.feature_dim, cfg.align.projector_dim).to(dev)
     if stage in TOKENIZER_STAGES:
+        torch.random.set_rng_state(after_tokenizer)
         if perceptual and cfg.loss.perceptual_weight > 0:
             m.perceptual = build_perceptual_loss(
                 cfg.loss.perceptual, vgg_path=cfg.loss.lpips_vgg_path or None, lpips_path=cfg.loss.lpips_heads_path or None
