@@ -56,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import (  # noqa: E402  (sibling modules, also when this file is imported by the tests)
     CONFIGS, PARTS, PRESETS, ROOT, Budget, Job, ResultCache, build_study, code_version, plan_lines, resolved_config,
-    slug,
+    slug, tokenizer_digest,
 )
 from study_probe import Probe  # noqa: E402
 from study_report import collect, make_figures, write_report  # noqa: E402
@@ -155,7 +155,8 @@ class Runner:
         if self._checkpoint_step(run_dir) == 0 and run_dir.exists():
             shutil.rmtree(run_dir)  # started but never checkpointed: metrics.jsonl is appended to, so start clean
         seconds = self._train_to(self._trainer(cfg), job.steps)
-        return {"tokenizer": self.eval_tokenizer(run_dir), "loop_seconds": seconds}
+        return {"tokenizer": self.eval_tokenizer(run_dir), "loop_seconds": seconds,
+                "tokenizer_weights": tokenizer_digest(run_dir)}
 
     def eval_tokenizer(self, run_dir: Path) -> dict:
         import gear

@@ -132,13 +132,23 @@ def resolved_config(job: Job, budget: Budget, extra: list[str], out_dir: str = "
         *job.overrides, *extra])
 
 
-def job_key(job: Job, budget: Budget, extra: list[str], behaviour: Callable[[Job], str]) -> str:
+def job_key(job: Job, budget: Budget, extra: list[str], behaviour: Callable[[Job], str],
+            init_weights: str | None = None) -> str:
     """A hash of what the job computes: its configuration where it departs from the defaults (paths and, for an
-    AR run, its length aside), its init's key, its evaluations, and ``behaviour(job)``: what the code does with
-    that configuration today (``study_probe.Probe``: a tiny run of the job's own configuration). A new config
-    field that defaults to the old behaviour leaves keys as they were; a code change that alters training
-    changes the keys of the jobs it alters, and only theirs."""
-    init = job_key(job.init, budget, extra, behaviour) if job.init else None
+    AR run, its length aside), where it starts from, its evaluations, and ``behaviour(job)``: what the code does
+    with that configuration today (``study_probe.Probe``: a tiny run of the job's own configuration). A new
+    config field that defaults to the old behaviour leaves keys as they were; a code change that alters training
+    changes the keys of the jobs it alters, and only theirs.
+
+    An AR run starts from its tokenizer's weights: given ``init_weights`` (``tokenizer_digest`` of the finished
+    init), that is its starting point, so two AR runs of one config on bitwise-equal tokenizers are one job;
+    otherwise (and for tokenizer jobs, which also read their init's discriminator) it is the init's key."""
+    if job.init is None:
+        init = None
+    elif job.kind == "ar" and init_weights:
+        init = {"tokenizer_weights": init_weights}
+    else:
+        init = job_key(job.init, budget, extra, behaviour)
     spec = {"kind": job.kind, "config": config_delta(job, budget, extra), "init": init,
             "evals": None if job.kind == "ar" else list(job.evals),
             "evaluation": {"fid_samples": budget.fid_samples, "recon_samples": budget.recon_samples},
@@ -174,6 +184,21 @@ def departures(tree: dict, defaults: dict) -> dict:
         elif name not in defaults or defaults[name] != value:
             out[name] = value
     return out
+
+
+def tokenizer_digest(run_dir: Path, ema: bool = True) -> str:
+    """A hash of the tokenizer an AR stage reads from a run (its class, config and every tensor, bit for bit)."""
+    import torch
+
+    import gear
+
+    tok = gear.load_tokenizer(run_dir, ema=ema)
+    digest = hashlib.sha256(f"{type(tok).__name__} {tok.config!r}".encode())
+    for name, tensor in sorted(tok.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def source_fingerprint(root: Path = ROOT / "src" / "gear") -> str:
@@ -231,12 +256,37 @@ class ResultCache:
         self._keys: dict[Job, str] = {}
 
     def key(self, job: Job) -> str:
-        if job not in self._keys:
-            self._keys[job] = job_key(job, self.budget, self.extra, self.behaviour)
-        return self._keys[job]
+        if job in self._keys:
+            return self._keys[job]
+        weights = None
+        if job.kind == "ar" and job.init is not None:
+            ema = resolved_config(job, self.budget, self.extra).model.init_from_ema  # the weights the AR reads
+            weights = self.tokenizer_weights(job.init, ema)
+        key = job_key(job, self.budget, self.extra, self.behaviour, weights)
+        if job.kind != "ar" or job.init is None or weights is not None:  # final once its tokenizer is trained
+            self._keys[job] = key
+        return key
+
+    def tokenizer_weights(self, job: Job, ema: bool = True) -> str | None:
+        """``tokenizer_digest`` of a finished tokenizer job (kept in its result; added to older results)."""
+        result = self.result(job)
+        if result is None:
+            return None
+        name = "tokenizer_weights" if ema else "tokenizer_weights_live"
+        if name not in result:
+            result[name] = tokenizer_digest(self.run_dir(job), ema=ema)
+            self.save_result(job, result)
+        return result[name]
+
+    def same_run(self, a: Job, b: Job) -> bool:
+        """Whether two jobs are one run in this cache (the same key: e.g. one AR config on bitwise-equal tokenizers)."""
+        return self.key(a) == self.key(b)  # the key holds the kind and the seed
 
     def dir(self, job: Job) -> Path:
-        return self.root / "jobs" / f"{slug(job.name)}-s{job.seed}-{self.key(job)}"
+        """``jobs/<name>-s<seed>-<key>``, or the directory of another job with the same key (the same run)."""
+        key = self.key(job)
+        same = sorted((self.root / "jobs").glob(f"*-s{job.seed}-{key}"))
+        return same[0] if same else self.root / "jobs" / f"{slug(job.name)}-s{job.seed}-{key}"
 
     def run_dir(self, job: Job) -> Path:
         return self.dir(job) / "run"

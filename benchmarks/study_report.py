@@ -198,6 +198,13 @@ def control_lines(c: Collected) -> list[list[str]]:
         if a is None or b is None:
             rows.append([f"{control} vs {other}", isolates, fmt_spread(a), fmt_spread(b), "-", "not run yet"])
             continue
+        runs = [(x, y) for seed in c.study.budget.seeds
+                if (x := c.study.ar.get((control, seed))) is not None and (y := c.study.ar.get((other, seed))) is not None]
+        if runs and all(c.cache.same_run(x, y) for x, y in runs):
+            rows.append([f"{control} vs {other}", isolates, f"{fmt_spread(a)} ({a.n})", f"{fmt_spread(b)} ({b.n})",
+                         fmt(a.mean - b.mean), f"the same runs at seeds {', '.join(str(x.seed) for x, _ in runs)}: "
+                         "bitwise-equal tokenizers, one AR config"])
+            continue
         verdict = compare_lower_better(a, b)
         outside = {"lower": f"outside the seed spread: {control} lower", "higher": f"outside the seed spread: {control} higher",
                    "within seed noise": "within the seed spread"}.get(verdict, verdict)
@@ -209,11 +216,16 @@ def control_lines(c: Collected) -> list[list[str]]:
 def job_lines(c: Collected) -> tuple[list[list[str]], float, dict[str, int]]:
     """Per finished job: minutes (every piece of a continued run) and the commits it ran on; the total hours and
     how many jobs each commit ran."""
-    rows, seconds, commits = [], 0.0, {}
+    rows, seconds, commits, seen = [], 0.0, {}, {}
     for job in c.study.jobs:
         r = c.result(job)
         if r is None:
             continue
+        where = c.cache.dir(job)
+        if where in seen:  # one run serving two jobs: counted once
+            rows.append([job.name, str(job.seed), job.kind, str(job.steps), f"the run of {seen[where]}", "", ""])
+            continue
+        seen[where] = job.name
         seconds += r.get("wall_seconds", 0.0)
         code = r.get("code") or ["not recorded"]
         for commit in code:

@@ -168,6 +168,40 @@ def test_job_keys_follow_the_codes_behaviour_and_not_new_default_fields():
     assert study.departures({"train": {"seed": 3}}, defaults) == {"train": {"seed": 3}}
 
 
+def test_ar_runs_on_bitwise_equal_tokenizers_are_one_job(tmp_path):
+    import torch
+
+    from gear.models.autoencoder import build_tokenizer
+
+    st = study.build_study(SMALL, ("main",))
+    lt0, plus = st.ar[("GEAR lambda_tok=0", 0)], st.ar[("LlamaGen-REPA+", 0)]
+    assert lt0.overrides == plus.overrides and lt0.init != plus.init
+    assert study.job_key(lt0, SMALL, [], same) != study.job_key(plus, SMALL, [], same)  # tokenizers not trained yet
+    assert study.job_key(lt0, SMALL, [], same, "w") == study.job_key(plus, SMALL, [], same, "w")
+    assert study.job_key(lt0, SMALL, [], same, "w") != study.job_key(lt0, SMALL, [], same, "v")
+    # the digest reads the weights bit for bit, not where they are kept
+    torch.manual_seed(0)
+    tok = build_tokenizer("vq-tiny", base_channels=16, z_channels=32, norm_groups=8)
+    tok.save_pretrained(tmp_path / "a")
+    tok.save_pretrained(tmp_path / "b")
+    assert study.tokenizer_digest(tmp_path / "a") == study.tokenizer_digest(tmp_path / "b")
+    with torch.no_grad():
+        next(tok.parameters()).view(-1)[0] += 1e-6
+    tok.save_pretrained(tmp_path / "c")
+    assert study.tokenizer_digest(tmp_path / "c") != study.tokenizer_digest(tmp_path / "a")
+    # in the cache: once both tokenizers are trained and equal, the two AR jobs share one run and its result
+    cache = study.ResultCache(tmp_path / "cache", SMALL, [], same)
+    for job in (lt0.init.init, plus.init, lt0.init):
+        cache.save_result(job, {"tokenizer": {}, "tokenizer_weights": "equal" if job.init else "warm"})
+    assert cache.same_run(lt0, plus)
+    cache.save_result(plus, {"points": [{"step": s, "fid": 2.0} for s in plus.evals]})
+    assert cache.result(lt0)["points"][0]["fid"] == 2.0
+    other = study.ResultCache(tmp_path / "cache2", SMALL, [], same)
+    for job in (lt0.init.init, plus.init, lt0.init):
+        other.save_result(job, {"tokenizer": {}, "tokenizer_weights": f"{job.name}" if job.init else "warm"})
+    assert not other.same_run(lt0, plus)
+
+
 def test_the_source_fingerprint_reads_code_not_comments_or_docstrings(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
@@ -226,7 +260,8 @@ class RecordingRunner(reproduce.Runner):
     def run(self, job):
         assert job.init is None or self.cache.result(job.init) is not None, "a job ran before its tokenizer"
         self.order.append(job)
-        self.cache.save_result(job, {"points": [{"step": s, "fid": 1.0} for s in job.evals]})
+        self.cache.save_result(job, {"points": [{"step": s, "fid": 1.0} for s in job.evals],
+                                     **({} if job.kind == "ar" else {"tokenizer_weights": f"{job.name}-{job.seed}"})})
 
 
 def test_a_continued_study_runs_only_what_is_missing_and_leaves_held_jobs(tmp_path):
@@ -251,14 +286,17 @@ def test_a_continued_study_runs_only_what_is_missing_and_leaves_held_jobs(tmp_pa
 # ---------------------------------------------------------------------------- the report from made-up results
 
 
-def synthetic_cache(tmp_path, gear_offset=5.0, ste_perplexity=4.0):
-    """Results for every job of SMALL: FID falls with steps, GEAR below the baselines by ``gear_offset``."""
+def synthetic_cache(tmp_path, gear_offset=5.0, ste_perplexity=4.0, lt0_equal=False):
+    """Results for every job of SMALL: FID falls with steps, GEAR below the baselines by ``gear_offset``;
+    ``lt0_equal``: the lambda_tok=0 tokenizers are bitwise tokenizer+'s (so its AR runs are the baseline's)."""
     st = study.build_study(SMALL, study.PARTS)
     cache = study.ResultCache(tmp_path, SMALL, [], same)
     offsets = {"LlamaGen": 40.0, "LlamaGen-REPA": 30.0, "LlamaGen+": 38.0, "LlamaGen-REPA+": 28.0,
                "GEAR": 28.0 - gear_offset, "GEAR lambda_tok=0": 27.0, "STE": 90.0}
     for job in st.jobs:
         if job.kind == "ar":
+            if cache.result(job) is not None:
+                continue  # one run of two jobs (bitwise-equal tokenizers)
             method = next((m for (m, s), j in st.ar.items() if j is job), "GEAR")
             pts = [{"step": s, "fid": offsets[method] + 400.0 / s + 0.2 * job.seed, "precision": 0.5, "recall": 0.4,
                     "class_accuracy": 0.7} for s in job.evals]
@@ -267,7 +305,8 @@ def synthetic_cache(tmp_path, gear_offset=5.0, ste_perplexity=4.0):
             ste = "train.joint_mode=ste" in job.overrides
             tok = {"rfid": 4.0 + 0.1 * job.seed if "gear" in job.name else 5.0, "psnr": 20.0, "ssim": 0.7,
                    "codebook_usage": 0.1 if ste else 1.0, "codebook_perplexity": ste_perplexity if ste else 400.0}
-            cache.save_result(job, {"tokenizer": tok, "wall_seconds": 10.0})
+            name = "tokenizer-plus" if lt0_equal and job.name == "gear-lt0-joint" else job.name
+            cache.save_result(job, {"tokenizer": tok, "wall_seconds": 10.0, "tokenizer_weights": f"{name}-{job.seed}"})
     return st, cache
 
 
@@ -315,6 +354,17 @@ def test_report_judges_each_control_against_the_seed_spread_and_lists_jobs_with_
     jobs = text.split("## Jobs: time and code", 1)[1]
     assert f"Jobs done: {len(st.jobs)} of {len(st.jobs)}" in jobs and "abc1234567 (1 jobs)" in jobs
     assert "| gear-lambda-tok0-ar | 1 | ar | 40 | 0.2 | abc1234567 | f00d |" in jobs
+
+
+def test_report_names_a_control_that_is_the_same_run_and_counts_its_time_once(tmp_path):
+    st, cache = synthetic_cache(tmp_path, lt0_equal=True)
+    text = study_report.write_report(study_report.collect(st, cache), tmp_path / "out", "cmd", "CPU", [], {}).read_text()
+    row = next(r for r in text.split("## Controls", 1)[1].splitlines() if r.startswith(f"| GEAR lambda_tok=0 vs {study.BASELINE}"))
+    assert "the same runs at seeds 0, 1: bitwise-equal tokenizers" in row
+    assert "| gear-lambda-tok0-ar | 0 | ar | 40 | the run of llamagen-repa-plus-ar |" in text
+    ar_jobs = [j for j in st.jobs if j.kind == "ar"]
+    shared = sum(cache.same_run(st.ar[("GEAR lambda_tok=0", s)], st.ar[(study.BASELINE, s)]) for s in SMALL.seeds[:2])
+    assert shared == 2 and f"{(len(st.jobs) - shared) * 10.0 / 3600:.2f} h" in text
 
 
 def test_report_says_inconclusive_within_seed_noise_and_partial_when_unfinished(tmp_path):
