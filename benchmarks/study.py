@@ -504,10 +504,12 @@ def build_study(b: Budget, parts: tuple[str, ...]) -> Study:
 
 def estimate_seconds(study: Study, cache: ResultCache | None = None) -> float:
     """Estimated seconds for the jobs not yet done (COSTS) on one one-thread process; two take about half."""
-    total, tokenizers = 0.0, set()
+    total, tokenizers, keys = 0.0, set(), set()
     for job in study.jobs:
-        if cache is not None and cache.result(job) is not None:
-            continue
+        if cache is not None and (cache.result(job) is not None or cache.key(job) in keys):
+            continue  # done, or one run with a job already counted
+        if cache is not None:
+            keys.add(cache.key(job))
         total += COSTS["setup"]
         if job.kind == "ar":  # a continued run costs its steps and evaluations past the last one cached
             repa = "align.lambda_ar=0.0" not in job.overrides

@@ -200,6 +200,13 @@ def test_ar_runs_on_bitwise_equal_tokenizers_are_one_job(tmp_path):
     for job in (lt0.init.init, plus.init, lt0.init):
         other.save_result(job, {"tokenizer": {}, "tokenizer_weights": f"{job.name}" if job.init else "warm"})
     assert not other.same_run(lt0, plus)
+    # the plan counts one run once: equal tokenizers save the second AR run's steps and evaluations
+    part = study.Study(SMALL, ("main",), jobs=[lt0.init.init, plus.init, lt0.init, plus, lt0])
+    one_ar = SMALL.ar_steps * study.COSTS["ar-repa"] + len(plus.evals) * study.COSTS["fid"] + study.COSTS["setup"]
+    fresh = study.ResultCache(tmp_path / "cache3", SMALL, [], same)
+    for job in (lt0.init.init, plus.init, lt0.init):
+        fresh.save_result(job, {"tokenizer": {}, "tokenizer_weights": "equal" if job.init else "warm"})
+    assert study.estimate_seconds(part, other) - study.estimate_seconds(part, fresh) == pytest.approx(one_ar + study.COSTS["extract"])
 
 
 def test_the_source_fingerprint_reads_code_not_comments_or_docstrings(tmp_path):
