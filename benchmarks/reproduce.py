@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every stage (part of every job's key), repeatable")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
-    p.add_argument("--plan", action="store_true", help="list the jobs, what is done and the estimated time; run nothing")
+    p.add_argument("--plan", action="store_true", help="list the jobs, what is done and the estimated time; trains nothing but the jobs' "
+                   "probes (about 2 s each, once per code change: they are part of the keys)")
     p.add_argument("--report-only", action="store_true", help="write the report from the cache; run nothing")
     p.add_argument("--worker", action="store_true", help="run jobs beside another process on the same cache, and "
                    "write no report (that process does)")
