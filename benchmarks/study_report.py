@@ -334,7 +334,6 @@ def claim_verdicts(c: Collected) -> list[Verdict]:
     if bper and gper:
         target = aggregate([v[-1] for v in bper]).mean
         g_hits, b_hits = c.reach("GEAR", target), c.reach(BASELINE, target)
-        ok = [h for h in g_hits if h is not None]
         conv, drop = converged(*c.mean_curve(BASELINE))
         text = (f"{BASELINE} final FID {target:.2f} (mean of {len(bper)} seeds); GEAR reaches it at "
                 + ", ".join(fmt(h, 0) if h is not None else f">{bs[-1]}" for h in g_hits) + f" steps, {BASELINE} at "

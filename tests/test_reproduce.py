@@ -369,7 +369,6 @@ def test_report_names_a_control_that_is_the_same_run_and_counts_its_time_once(tm
     row = next(r for r in text.split("## Controls", 1)[1].splitlines() if r.startswith(f"| GEAR lambda_tok=0 vs {study.BASELINE}"))
     assert "the same runs at seeds 0, 1: bitwise-equal tokenizers" in row
     assert "| gear-lambda-tok0-ar | 0 | ar | 40 | the run of llamagen-repa-plus-ar |" in text
-    ar_jobs = [j for j in st.jobs if j.kind == "ar"]
     shared = sum(cache.same_run(st.ar[("GEAR lambda_tok=0", s)], st.ar[(study.BASELINE, s)]) for s in SMALL.seeds[:2])
     assert shared == 2 and f"{(len(st.jobs) - shared) * 10.0 / 3600:.2f} h" in text
 
