@@ -65,13 +65,15 @@ from study_report import collect, make_figures, write_report  # noqa: E402
 # ---------------------------------------------------------------------------- running the jobs
 
 
-class Runner:
-    def __init__(self, budget: Budget, cache: ResultCache, data, device: str, log: Callable[[str], None],
-                 code: dict[str, str] | None = None):
-        self.budget, self.cache, self.data, self.device, self.log = budget, cache, data, device, log
-        self.code = code or {}  # {"commit", "source"}: recorded with every result and evaluation
-        self.classifier = None
-        self.store = cache.root / "codes"
+@dataclasses.dataclass
+class Evaluation:
+    """How the study measures a run, on ``device``: in the feature space of the Fashion-MNIST reference classifier,
+    EMA weights, seed 0. The jobs and their probes (study_probe.py) both measure through it."""
+
+    data: object
+    device: str
+    cfg_scale: float
+    classifier: object = None
 
     def reference(self):
         if self.classifier is None:
@@ -79,6 +81,35 @@ class Runner:
 
             self.classifier = reference_classifier(self.data, device=self.device)
         return self.classifier
+
+    def tokenizer(self, run_dir: Path, num: int) -> dict[str, float]:
+        import gear
+        from gear.eval.runs import reconstruction_metrics
+
+        tok = gear.load_tokenizer(run_dir, map_location=self.device).eval()
+        m = reconstruction_metrics(tok, self.data, num=num, feature="classifier", classifier=self.reference())
+        return {k: float(m[k]) for k in ("rfid", "psnr", "ssim", "codebook_usage", "codebook_perplexity")}
+
+    def generation(self, run_dir: Path, num: int) -> dict[str, float | None]:
+        from gear.eval.runs import generation_metrics
+        from gear.run import load_pair
+
+        tok, gen = load_pair(run_dir, device=self.device)
+        m = generation_metrics(tok, gen, self.data, num=num, cfg_scale=self.cfg_scale, feature="classifier",
+                               classifier=self.reference(), seed=0)
+        return {k: (float(m[k]) if m.get(k) is not None else None) for k in ("fid", "precision", "recall", "class_accuracy")}
+
+
+class Runner:
+    def __init__(self, budget: Budget, cache: ResultCache, data, device: str, log: Callable[[str], None],
+                 code: dict[str, str] | None = None):
+        self.budget, self.cache, self.data, self.device, self.log = budget, cache, data, device, log
+        self.code = code or {}  # {"commit", "source"}: recorded with every result and evaluation
+        self.evaluation = Evaluation(data, device, budget.cfg_scale)
+        self.store = cache.root / "codes"
+
+    def reference(self):
+        return self.evaluation.reference()
 
     def run_all(self, jobs: list[Job], wait: bool = True) -> None:
         """Every job not yet done, in order; a job another process holds is left to it and waited for."""
@@ -109,15 +140,14 @@ class Runner:
     def run(self, job: Job) -> None:
         t0 = time.time()
         self.log(f"{job.name} s{job.seed}: start ({job.kind}, {job.steps} steps)")
-        if job.kind == "ar":
-            result = self._run_ar(job)
-        else:
-            result = self._run_tokenizer(job)
-        # a continued AR run also counts the pieces before this one (their evaluations record their seconds)
-        earlier = sum(p.get("seconds", 0.0) for p in result.get("points", [])[: result.pop("earlier_points", 0)])
-        result["wall_seconds"] = time.time() - t0 + earlier
-        result["code"] = sorted({p["code"] for p in result.get("points", []) if p.get("code")} | {self.code.get("commit", "")} - {""})
-        result["source"] = self.code.get("source", "")
+        try:
+            result = self._run_ar(job) if job.kind == "ar" else self._run_tokenizer(job)
+        finally:  # every piece of a job's run counts, an interrupted one too (one killed outright cannot)
+            self.cache.add_piece(job, time.time() - t0)
+        result["wall_seconds"] = sum(self.cache.pieces(job))
+        points = result.get("points", [])
+        result["code"] = sorted({p.get("code", "") for p in points} | {self.code.get("commit", "")} - {""})
+        result["source"] = sorted({p.get("source", "") for p in points} | {self.code.get("source", "")} - {""})
         self.cache.save_result(job, result)
         self.log(f"{job.name} s{job.seed}: done in {result['wall_seconds'] / 60:.1f} min")
 
@@ -159,13 +189,7 @@ class Runner:
                 "tokenizer_weights": tokenizer_digest(run_dir)}
 
     def eval_tokenizer(self, run_dir: Path) -> dict:
-        import gear
-        from gear.eval.runs import reconstruction_metrics
-
-        tok = gear.load_tokenizer(run_dir, map_location=self.device).eval()
-        m = reconstruction_metrics(tok, self.data, num=self.budget.recon_samples, feature="classifier",
-                                   classifier=self.reference())
-        return {k: float(m[k]) for k in ("rfid", "psnr", "ssim", "codebook_usage", "codebook_perplexity")}
+        return self.evaluation.tokenizer(run_dir, self.budget.recon_samples)
 
     def _run_ar(self, job: Job) -> dict:
         import fcntl
@@ -184,18 +208,16 @@ class Runner:
         if at == 0 and run_dir.exists():
             shutil.rmtree(run_dir)
         points = [p for p in self.cache.progress(job) if p["step"] <= at]
-        earlier = len(points)
         seconds, trainer = 0.0, None
         for step in job.evals:
             if step < at or any(p["step"] == step for p in points):
                 continue
-            t0 = time.time()
             if step > at:
                 trainer = trainer or self._trainer(cfg)
                 seconds += self._train_to(trainer, step)
                 at = step
-            points.append({**self.eval_generation(run_dir, step), "seconds": time.time() - t0,
-                           "code": self.code.get("commit", "")})
+            points.append({**self.eval_generation(run_dir, step), "code": self.code.get("commit", ""),
+                           "source": self.code.get("source", "")})
             self.cache.save_progress(job, points)
             self.log(f"  {job.name} s{job.seed} step {step}: FID {points[-1]['fid']:.2f}")
         missing = sorted(set(job.evals) - {p["step"] for p in points})
@@ -203,18 +225,10 @@ class Runner:
             raise ValueError(f"{job.name} s{job.seed}: its cached run (checkpoint at step {at}) was never evaluated at "
                              f"steps {missing} of this schedule; choose a budget and schedule whose evaluation steps "
                              f"below {at} are among its evaluated ones ({', '.join(str(p['step']) for p in points)})")
-        return {"points": points, "loop_seconds": seconds, "extract_seconds": done.seconds if done.wrote else 0.0,
-                "earlier_points": earlier}
+        return {"points": points, "loop_seconds": seconds, "extract_seconds": done.seconds if done.wrote else 0.0}
 
     def eval_generation(self, run_dir: Path, step: int) -> dict:
-        from gear.eval.runs import generation_metrics
-        from gear.run import load_pair
-
-        tok, gen = load_pair(run_dir, device=self.device)
-        m = generation_metrics(tok, gen, self.data, num=self.budget.fid_samples, cfg_scale=self.budget.cfg_scale,
-                               feature="classifier", classifier=self.reference(), seed=0)
-        return {"step": step, **{k: (float(m[k]) if m.get(k) is not None else None)
-                                 for k in ("fid", "precision", "recall", "class_accuracy")}}
+        return {"step": step, **self.evaluation.generation(run_dir, self.budget.fid_samples)}
 
     def sample_grid(self, run_dir: Path, path: Path) -> None:
         from gear.data.transforms import save_image_grid
@@ -298,10 +312,17 @@ def main(argv: list[str] | None = None) -> Path | None:
     def log(message: str) -> None:
         print(f"[{(time.time() - start) / 60:6.1f} min] {message}", flush=True)
 
-    probe = Probe(args.cache_dir / "probes", budget, extra, data, reference=lambda: runner.reference(), log=log)
+    import gear
+
+    if Path(gear.__file__).resolve().parent != ROOT / "src" / "gear":
+        log(f"note: gear is imported from {Path(gear.__file__).parent}, not this checkout's src/: the study runs that code")
+    evaluation = Evaluation(data, "cpu", budget.cfg_scale)  # a probe's; the jobs' own evaluation is on --device
+    probe = Probe(args.cache_dir / "probes", budget, extra, evaluation, log=log)
     cache = ResultCache(args.cache_dir, budget, extra, behaviour=probe)
     study = build_study(budget, parts)
     runner = Runner(budget, cache, data, args.device, log, code={"commit": code_version(), "source": probe.source})
+    if args.device == "cpu":
+        runner.evaluation = evaluation  # one classifier for both
 
     if args.plan:
         print("\n".join(plan_lines(study, cache, cpu=args.device == "cpu")))

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -201,29 +202,40 @@ def tokenizer_digest(run_dir: Path, ema: bool = True) -> str:
     return digest.hexdigest()[:16]
 
 
-def source_fingerprint(root: Path = ROOT / "src" / "gear") -> str:
-    """What the library's code says, not how it is written: a hash of every module's syntax tree without
-    docstrings (comments and layout do not reach the tree), with torch's version. Probes are remeasured when it
-    changes; the report shows it next to the commit."""
+STUDY_CODE = ("study.py", "study_probe.py", "reproduce.py")  # the benchmarks' files that train and evaluate
+
+
+def source_fingerprint(paths: list[Path] | None = None) -> str:
+    """What the code says, not how it is written: a hash of the syntax trees (docstrings aside; comments and
+    layout do not reach them) of ``paths`` (default: the ``gear`` package Python imports, wherever it is, and the
+    study's own training and evaluation files), with torch's version. Probes are remeasured when it changes; the
+    report shows it next to the commit."""
     import ast
 
     import torch
 
+    import gear
+
+    if paths is None:
+        paths = [Path(gear.__file__).resolve().parent, *(Path(__file__).resolve().parent / f for f in STUDY_CODE)]
     digest = hashlib.sha256(torch.__version__.encode())
-    for path in sorted(root.rglob("*.py")):
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            body = getattr(node, "body", None)
-            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                    and isinstance(body[0].value.value, str)):
-                node.body = body[1:] or [ast.Pass()]
-        digest.update(str(path.relative_to(root)).encode() + ast.dump(tree).encode())
+    for base in paths:
+        for path in sorted(base.rglob("*.py")) if base.is_dir() else [base]:
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                body = getattr(node, "body", None)
+                if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                        and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                        and isinstance(body[0].value.value, str)):
+                    node.body = body[1:] or [ast.Pass()]
+            name = path.relative_to(base) if base.is_dir() else path.name
+            digest.update(str(name).encode() + ast.dump(tree).encode())
     return digest.hexdigest()[:12]
 
 
 def code_version(root: Path = ROOT) -> str:
-    """The commit the library's code is at, with ``+changes`` when src/ or benchmarks/ differ from it."""
+    """The commit the code is at, with ``+changes`` when a Python file under src/ or benchmarks/ differs from it
+    (the reports and figures the study writes there do not count)."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -233,7 +245,8 @@ def code_version(root: Path = ROOT) -> str:
             return ""
 
     commit = git("rev-parse", "--short=10", "HEAD") or "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "--", "src", "benchmarks") else "")
+    changed = git("status", "--porcelain", "--", ":(glob)src/**/*.py", ":(glob)benchmarks/**/*.py")
+    return commit + ("+changes" if changed else "")
 
 
 def _alive(pid: int) -> bool:
@@ -254,6 +267,7 @@ class ResultCache:
     def __init__(self, root: Path, budget: Budget, extra: list[str], behaviour: Callable[[Job], str]):
         self.root, self.budget, self.extra, self.behaviour = Path(root), budget, list(extra), behaviour
         self._keys: dict[Job, str] = {}
+        self._dirs: dict[Job, Path] = {}
 
     def key(self, job: Job) -> str:
         if job in self._keys:
@@ -283,10 +297,40 @@ class ResultCache:
         return self.key(a) == self.key(b)  # the key holds the kind and the seed
 
     def dir(self, job: Job) -> Path:
-        """``jobs/<name>-s<seed>-<key>``, or the directory of another job with the same key (the same run)."""
+        """``jobs/<name>-s<seed>-<key>`` of the first job with this key: jobs with one key are one run. Which job's
+        name it bears is settled once, atomically, in ``jobs/.keys/`` (two processes may ask at once)."""
+        if job in self._dirs:
+            return self._dirs[job]
         key = self.key(job)
-        same = sorted((self.root / "jobs").glob(f"*-s{job.seed}-{key}"))
-        return same[0] if same else self.root / "jobs" / f"{slug(job.name)}-s{job.seed}-{key}"
+        jobs = self.root / "jobs"
+        index = jobs / ".keys" / f"s{job.seed}-{key}"
+        if not index.is_file():
+            same = sorted(p.name for p in jobs.glob(f"*-s{job.seed}-{key}"))  # made before the index existed
+            index.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(index, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(same[0] if same else f"{slug(job.name)}-s{job.seed}-{key}")
+        for _ in range(100):  # the other process may be between creating and writing it
+            name = index.read_text().strip()
+            if name:
+                break
+            time.sleep(0.01)
+        where = jobs / name
+        if job in self._keys:  # a final key: its directory is final too
+            self._dirs[job] = where
+        return where
+
+    def pieces(self, job: Job) -> list[float]:
+        """The seconds of every piece the job's run was trained and evaluated in (``pieces.json``)."""
+        path = self.dir(job) / "pieces.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def add_piece(self, job: Job, seconds: float) -> None:
+        self._write(self.dir(job) / "pieces.json", [*self.pieces(job), seconds])
 
     def run_dir(self, job: Job) -> Path:
         return self.dir(job) / "run"

@@ -1,20 +1,23 @@
 """What the code does with a job's configuration today: the behaviour part of a study job's cache key.
 
 A probe is a tiny run of the job's own resolved configuration (16 images, batch 4, two steps, seed 0, on the CPU
-with one thread), started from its init job's probe as the job starts from its init, followed by the job's own
-evaluation at a tiny size (reconstruction metrics for a tokenizer, FID for an AR run, through the code store as
-the study's AR runs read it). Its numbers (every tensor the checkpoint holds, summed per entry: weights, EMAs,
-optimizer and discriminator states, random-generator states; the evaluation's metrics), rounded to 5 significant
-digits so that float noise between machines does not count, are hashed into the job's key. A code change that
-alters what a job computes changes its probe and so its key; one that does not (a refactor, a new option that
-defaults to the old behaviour) leaves both alone, and the cached job is reused.
+with one thread), started from its init job's probe as the job starts from its init, then evaluated by the
+study's own evaluation at a tiny size (reconstruction metrics for a tokenizer; FID for an AR run, trained on the
+code store as the study's AR runs are). Its numbers are every tensor the checkpoint holds, summed per entry (its
+values and their magnitudes: weights, EMAs, optimizer and discriminator states, random-generator states), and the
+evaluation's metrics.
 
-Probes are kept under ``<cache>/probes/``, by the probe's configuration and ``study.source_fingerprint()``: they
-are measured once per change of the library's code (about five seconds each), not once per study.
+Records are kept under ``<cache>/probes/<kind>-<probe key>/<source>.json``, one per source fingerprint
+(``study.source_fingerprint``): a probe is measured once per change of the code (about two seconds), not once per
+study. Its behaviour hash is that of its numbers rounded to 5 significant digits, unless an earlier record of the
+same probe (another source) has numbers within a relative 1e-4 of these (each sum against the magnitudes of
+its group: one optimizer state of every parameter, say): then
+the code computes what it computed before, up to float rounding, and the earlier hash is kept, and with it the
+keys of the jobs cached under that code.
 
 What a probe cannot see: code that acts only later in a run than its two steps (a schedule's later phases), only
-on a GPU, or only at sizes the probe does not reach. Each job's result records the commit and the source
-fingerprint it ran on, and the report lists them.
+on a GPU, or only at sizes the probe does not reach. Each job's result records the commits and source
+fingerprints it ran on, and the report lists them.
 """
 
 from __future__ import annotations
@@ -23,32 +26,43 @@ import fcntl
 import hashlib
 import json
 import math
+import re
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
 from study import Budget, Job, config_delta, resolved_config, source_fingerprint
 
+PROBE_VERSION = 1    # raise when what a probe runs or records changes: every probe is then measured afresh
 PROBE_OVERRIDES = ("data.limit=16", "train.batch_size=4", "train.steps=2", "train.seed=0", "train.log_every=1",
                    "train.checkpoint_every=2", "train.sample_every=1000000", "train.progress=false",
                    "train.device=cpu", "train.keep_checkpoints=0")
-DIGITS = 5
+PROBE_FID_SAMPLES, PROBE_RECON_SAMPLES = 20, 16
+DIGITS = 5           # of the numbers hashed
+RTOL = 1e-4          # two records within this (of each sum's magnitude) compute the same
+
+
+class Evaluation(Protocol):
+    """The study's evaluation (``reproduce.Evaluation``), as a probe calls it."""
+
+    def tokenizer(self, run_dir: Path, num: int) -> dict[str, float]: ...
+
+    def generation(self, run_dir: Path, num: int) -> dict[str, float | None]: ...
 
 
 def rounded(value: float) -> float | str:
-    if not math.isfinite(value):
-        return str(value)
-    return float(f"{value:.{DIGITS}g}")
+    return float(f"{value:.{DIGITS}g}") if math.isfinite(value) else str(value)
 
 
-def checkpoint_numbers(state, prefix: str = "") -> dict[str, float | str]:
+def checkpoint_numbers(state, prefix: str = "") -> dict[str, float]:
     """Every tensor of a checkpoint, as the float64 sum of its entries and of their magnitudes, by its path."""
-    out: dict[str, float | str] = {}
+    out: dict[str, float] = {}
     if isinstance(state, torch.Tensor):
-        t = state.detach().double() if state.is_floating_point() or state.is_complex() else state.detach().to(torch.float64)
-        out[prefix] = rounded(float(t.sum()))
-        out[prefix + "|abs"] = rounded(float(t.abs().sum()))
+        t = state.detach().to(torch.float64)
+        out[prefix] = float(t.sum())
+        out[prefix + "|abs"] = float(t.abs().sum())
     elif isinstance(state, dict):
         for k in sorted(state, key=str):
             out.update(checkpoint_numbers(state[k], f"{prefix}/{k}"))
@@ -58,15 +72,44 @@ def checkpoint_numbers(state, prefix: str = "") -> dict[str, float | str]:
     return out
 
 
-class Probe:
-    """``probe(job)`` -> the hash of what the job's configuration computes with today's code (measured once per
-    source fingerprint and probe configuration, kept under ``root``)."""
+def group(name: str) -> str:
+    """The tensors a checkpoint entry is judged with: its path with indices starred (one optimizer's exp_avg of
+    every parameter, say), so that a tensor whose values are float noise (a gradient that cancels) is judged
+    against the group's size, not its own."""
+    return re.sub(r"/\d+(?=/|$)", "/*", name.removesuffix("|abs"))
 
-    def __init__(self, root: Path, budget: Budget, extra: list[str], data, reference: Callable[[], object],
-                 log: Callable[[str], None] = print):
-        self.root, self.budget, self.extra, self.data = Path(root), budget, list(extra), data
-        self.reference, self.log = reference, log
-        self.source = source_fingerprint()
+
+def close(new: dict[str, float], old: dict[str, float], rtol: float = RTOL) -> bool:
+    """Whether two probes' numbers agree up to float rounding: the same entries, each within ``rtol`` of its
+    group's magnitude (a checkpoint sum: the magnitudes of its group's tensors; a metric: itself)."""
+    if new.keys() != old.keys():
+        return False
+    scale: dict[str, float] = {}
+    for k, v in old.items():
+        if not isinstance(v, str) and math.isfinite(v) and (k.endswith("|abs") or k + "|abs" not in old):
+            scale[group(k)] = scale.get(group(k), 0.0) + abs(v)
+    for k, a in new.items():
+        b = old[k]
+        if isinstance(a, str) or isinstance(b, str) or not (math.isfinite(a) and math.isfinite(b)):
+            if str(a) != str(b):
+                return False
+        elif abs(a - b) > rtol * scale.get(group(k), abs(b)) + 1e-12:
+            return False
+    return True
+
+
+def behaviour_hash(numbers: dict[str, float]) -> str:
+    rounded_numbers = {k: rounded(v) if not isinstance(v, str) else v for k, v in numbers.items()}
+    return hashlib.sha256(json.dumps(rounded_numbers, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Probe:
+    """``probe(job)`` -> the hash of what the job's configuration computes with today's code."""
+
+    def __init__(self, root: Path, budget: Budget, extra: list[str], evaluation: Evaluation,
+                 log: Callable[[str], None] = print, source: str | None = None):
+        self.root, self.budget, self.extra, self.evaluation, self.log = Path(root), budget, list(extra), evaluation, log
+        self.source = source or source_fingerprint()
         self._hashes: dict[Job, str] = {}
         self._keys: dict[Job, str] = {}
 
@@ -76,20 +119,23 @@ class Probe:
         return self._hashes[job]
 
     def key(self, job: Job) -> str:
-        """The probe's own identity: its configuration, its init's probe, the source it runs."""
+        """The probe's identity: its configuration and its init's probe (not the source: records of one probe under
+        several sources are kept side by side and compared)."""
         if job not in self._keys:
-            probe_extra = [*self.extra, *PROBE_OVERRIDES]
-            spec = {"kind": job.kind, "config": config_delta(job, self.budget, probe_extra),
-                    "init": self.key(job.init) if job.init else None, "source": self.source}
+            spec = {"kind": job.kind, "config": config_delta(job, self.budget, [*self.extra, *PROBE_OVERRIDES]),
+                    "init": self.key(job.init) if job.init else None, "probe": PROBE_VERSION}
             self._keys[job] = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
         return self._keys[job]
 
     def dir(self, job: Job) -> Path:
         return self.root / f"{job.kind}-{self.key(job)}"
 
+    def run_dir(self, job: Job) -> Path:
+        return self.dir(job) / f"run-{self.source}"
+
     def measure(self, job: Job) -> dict:
-        """The probe's record ({"behaviour", "numbers", "source"}), from disk or measured now."""
-        path = self.dir(job) / "behaviour.json"
+        """The probe's record under today's source ({"behaviour", "numbers", "source", "same_as"}), read or made."""
+        path = self.dir(job) / f"{self.source}.json"
         if path.is_file():
             return json.loads(path.read_text())
         if job.init is not None:
@@ -106,46 +152,35 @@ class Probe:
                     numbers = self._run(job)
             finally:
                 torch.set_num_threads(threads)
-            record = {"behaviour": hashlib.sha256(json.dumps(numbers, sort_keys=True).encode()).hexdigest()[:12],
-                      "numbers": numbers, "source": self.source}
+            earlier = sorted((p for p in path.parent.glob("*.json") if p != path), key=lambda p: -p.stat().st_mtime)
+            same = next((r for r in map(lambda p: json.loads(p.read_text()), earlier) if close(numbers, r["numbers"])), None)
+            record = {"behaviour": same["behaviour"] if same else behaviour_hash(numbers), "numbers": numbers,
+                      "source": self.source, "same_as": same["source"] if same else None}
             from gear.files import atomic_write
 
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-            self.log(f"probed {job.name} ({job.kind}): {record['behaviour']}")
+            self.log(f"probed {job.name} ({job.kind}): {record['behaviour']}"
+                     + (f" (as under source {same['source']})" if same else ""))
             return record
 
-    def _run(self, job: Job) -> dict[str, float | str]:
-        import shutil
-
-        from gear.eval.runs import generation_metrics, reconstruction_metrics
-        from gear.run import load_pair
+    def _run(self, job: Job) -> dict[str, float]:
         from gear.train import checkpoint as ckpt
         from gear.train.code_store import extract_for_config
         from gear.train.loop import Trainer
 
-        run_dir, store = self.dir(job) / "run", self.dir(job) / "store"
+        run_dir, store = self.run_dir(job), self.dir(job) / f"store-{self.source}"
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
-        init = str(self.dir(job.init) / "run") if job.init else ""
+        init = str(self.run_dir(job.init)) if job.init else ""
         cfg = resolved_config(job, self.budget, [*self.extra, *PROBE_OVERRIDES], out_dir=str(run_dir), init_dir=init,
                               store=str(store) if job.kind == "ar" else "")
         if job.kind == "ar":
             extract_for_config(cfg)
         Trainer(cfg).fit()
         numbers = checkpoint_numbers(ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir)))
-        import dataclasses
-
-        data = dataclasses.replace(self.data, limit=0)
         if job.kind == "ar":
-            tok, gen = load_pair(run_dir, device="cpu")
-            m = generation_metrics(tok, gen, data, num=20, cfg_scale=self.budget.cfg_scale, feature="classifier",
-                                   classifier=self.reference(), seed=0)
-            keys = ("fid", "precision", "recall", "class_accuracy")
+            metrics = self.evaluation.generation(run_dir, PROBE_FID_SAMPLES)
         else:
-            import gear
-
-            tok = gear.load_tokenizer(run_dir, map_location="cpu").eval()
-            m = reconstruction_metrics(tok, data, num=16, feature="classifier", classifier=self.reference())
-            keys = ("rfid", "psnr", "ssim", "codebook_usage", "codebook_perplexity")
-        numbers.update({f"eval/{k}": rounded(float(m[k])) for k in keys if m.get(k) is not None})
+            metrics = self.evaluation.tokenizer(run_dir, PROBE_RECON_SAMPLES)
+        numbers.update({f"eval/{k}": float(v) for k, v in metrics.items() if v is not None})
         return numbers

@@ -202,7 +202,7 @@ def control_lines(c: Collected) -> list[list[str]]:
                 if (x := c.study.ar.get((control, seed))) is not None and (y := c.study.ar.get((other, seed))) is not None]
         if runs and all(c.cache.same_run(x, y) for x, y in runs):
             rows.append([f"{control} vs {other}", isolates, f"{fmt_spread(a)} ({a.n})", f"{fmt_spread(b)} ({b.n})",
-                         fmt(a.mean - b.mean), f"the same runs at seeds {', '.join(str(x.seed) for x, _ in runs)}: "
+                         fmt(0.0), f"the same runs at seeds {', '.join(str(x.seed) for x, _ in runs)}: "
                          "bitwise-equal tokenizers, one AR config"])
             continue
         verdict = compare_lower_better(a, b)
@@ -230,8 +230,9 @@ def job_lines(c: Collected) -> tuple[list[list[str]], float, dict[str, int]]:
         code = r.get("code") or ["not recorded"]
         for commit in code:
             commits[commit] = commits.get(commit, 0) + 1
+        source = r.get("source") or []
         rows.append([job.name, str(job.seed), job.kind, str(job.steps), fmt(r.get("wall_seconds", 0.0) / 60, 1),
-                     ", ".join(code), r.get("source") or "-"])
+                     ", ".join(code), ", ".join([source] if isinstance(source, str) else source) or "-"])
     return rows, seconds, commits
 
 
@@ -472,7 +473,8 @@ def write_report(c: Collected, report_dir: Path, command: str, device: str, figu
               f"{seconds / 3600:.2f} h (two processes overlap; a continued AR run counts every piece). Commits: "
               + ", ".join(f"{k} ({v} jobs)" for k, v in commits.items()) + ". 'source' is the library's source "
               "fingerprint (benchmarks/study.py: source_fingerprint) the job ran on; a job is reused across commits "
-              "only while its probe (benchmarks/study_probe.py) computes the same numbers.", ""]
+              "only while its probe (benchmarks/study_probe.py) computes the same numbers. A piece of a run killed "
+              "outright (SIGKILL) is not in its minutes.", ""]
     lines += markdown_table(["job", "seed", "kind", "steps", "minutes", "commit", "source"], rows) + [""]
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / "REPORT.md"

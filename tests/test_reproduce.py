@@ -196,6 +196,16 @@ def test_ar_runs_on_bitwise_equal_tokenizers_are_one_job(tmp_path):
     assert cache.same_run(lt0, plus)
     cache.save_result(plus, {"points": [{"step": s, "fid": 2.0} for s in plus.evals]})
     assert cache.result(lt0)["points"][0]["fid"] == 2.0
+    # a second process asks for the other job first: one directory all the same, named once in jobs/.keys/
+    second = study.ResultCache(tmp_path / "cache", SMALL, [], same)
+    assert second.dir(lt0) == cache.dir(plus) == cache.dir(lt0) and second.dir(lt0).name.startswith("llamagen-repa-plus")
+    third = study.ResultCache(tmp_path / "fresh", SMALL, [], same)
+    fourth = study.ResultCache(tmp_path / "fresh", SMALL, [], same)
+    for c in (third, fourth):
+        for job in (lt0.init.init, plus.init, lt0.init):
+            if c is third:
+                c.save_result(job, {"tokenizer": {}, "tokenizer_weights": "equal" if job.init else "warm"})
+    assert third.dir(lt0) == fourth.dir(plus) and third.dir(lt0).name.startswith("gear-lambda-tok0")
     other = study.ResultCache(tmp_path / "cache2", SMALL, [], same)
     for job in (lt0.init.init, plus.init, lt0.init):
         other.save_result(job, {"tokenizer": {}, "tokenizer_weights": f"{job.name}" if job.init else "warm"})
@@ -213,11 +223,11 @@ def test_the_source_fingerprint_reads_code_not_comments_or_docstrings(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "m.py").write_text('"""Doc."""\n\ndef f(x):\n    """Twice."""\n    return 2 * x  # comment\n')
-    before = study.source_fingerprint(pkg)
+    before = study.source_fingerprint([pkg])
     (pkg / "m.py").write_text('"""Another doc."""\n\n\ndef f(x):\n    # a new comment\n    return 2 * x\n')
-    assert study.source_fingerprint(pkg) == before
+    assert study.source_fingerprint([pkg]) == before
     (pkg / "m.py").write_text('def f(x):\n    return 3 * x\n')
-    assert study.source_fingerprint(pkg) != before
+    assert study.source_fingerprint([pkg]) != before
     assert study.code_version().split("+")[0] != "unknown"
 
 
@@ -458,6 +468,7 @@ def test_quick_study_interrupted_and_continued_writes_a_full_report(tmp_path, mo
     def dies_on_the_fifth_evaluation(self, run_dir, step):
         calls["n"] += 1
         if calls["n"] == 5:
+            calls["stopped"] = run_dir
             raise KeyboardInterrupt  # as if the study were stopped in the middle of an AR run
         return evaluate(self, run_dir, step)
 
@@ -477,14 +488,15 @@ def test_quick_study_interrupted_and_continued_writes_a_full_report(tmp_path, mo
         for p in (job["result"].get("points") or []):
             assert math.isfinite(p["fid"])
     # the interrupted AR run continued from its checkpoint: every step was trained once
-    first_ar = next(j for j in results["jobs"] if j["result"].get("points") is not None)
-    run = next(cache_dir.glob(f"jobs/*-s{first_ar['seed']}-{first_ar['key']}")) / "run"
+    run = calls["stopped"]
+    stopped = next(j for j in results["jobs"] if f"-s{j['seed']}-{j['key']}" in run.parent.name)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "ar/ntp" in x]
-    assert steps == sorted(set(steps)) and steps[-1] == budget.ar_steps
-    # its time counts both pieces, and it records the commit it ran on
-    points = first_ar["result"]["points"]
-    assert first_ar["result"]["wall_seconds"] >= sum(p["seconds"] for p in points) > 0
-    assert all(p["code"] for p in points) and first_ar["result"]["code"] and first_ar["result"]["source"]
+    assert steps == list(range(1, budget.ar_steps + 1))
+    # its time counts both pieces, and it records the commit and source it ran on
+    pieces = json.loads((run.parent / "pieces.json").read_text())
+    assert len(pieces) == 2 and stopped["result"]["wall_seconds"] == pytest.approx(sum(pieces))
+    assert all(p["code"] and p["source"] for p in stopped["result"]["points"])
+    assert stopped["result"]["code"] and stopped["result"]["source"]
     # everything is cached: a third call trains nothing
     again = subprocess.run([sys.executable, str(BENCHMARKS / "reproduce.py"), *args, "--plan"], capture_output=True, text=True)
     assert f"{len(results['jobs'])} jobs, {len(results['jobs'])} done" in again.stdout
