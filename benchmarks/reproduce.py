@@ -9,10 +9,11 @@
     .venv/bin/python benchmarks/reproduce.py --threads 1 --worker &   # a second process on the same cache
 
 Every training run is a job whose result is cached on disk under ``--cache-dir`` (default runs/reproduce/), keyed
-by (name, seed, its config where it departs from the defaults, the key of the tokenizer it starts from, a tokenizer
-job's length, and what today's code computes with that config: a tiny probe run, see study_probe.py):
-an interrupted study continues where it stopped (an AR run from its last evaluation), and a changed setting or a
-code change that alters training reruns only the jobs it touches; each result records the commit it ran on. An AR run's length is not in its key: a larger --ar-steps continues the cached
+by its config where it departs from the defaults (a tokenizer job's length included), where it starts (a
+tokenizer job: its init's key; an AR job: its tokenizer's weights, so AR runs on bitwise-equal tokenizers are
+one job), and what today's code computes with that config (a tiny probe run, see study_probe.py): an interrupted
+study continues where it stopped (an AR run from its last evaluation), and a changed setting or a code change
+that alters training reruns only the jobs it touches; each result records the commits it ran on. An AR run's length is not in its key: a larger --ar-steps continues the cached
 AR runs from their last checkpoint (a run is a prefix of a longer one) and keeps their evaluations. Two processes
 may work on one cache at once (each job is claimed with a lock file; ``--worker`` runs jobs and leaves the report
 to the other): that is how ``make reproduce`` uses both cores. The AR stages train on a code store (``gear extract``) shared by every job, so an AR step costs what the
