@@ -513,3 +513,21 @@ def test_projector_learns_to_align():
         loss.backward()
         opt.step()
     assert loss.item() < start - 0.5
+
+
+def test_cached_teacher_targets_under_cpu_bf16_autocast():
+    """The per-image feature cache keeps float16 on the CPU; a bf16 step (CPU autocast) reads it back in fp32."""
+    from gear.train.targets import TeacherTargets
+
+    class Teacher(torch.nn.Module):
+        def forward(self, images, grid):
+            return images.flatten(1)[:, None, :4].repeat(1, grid * grid, 1) * 0.5
+
+    targets = TeacherTargets(Teacher(), 2, torch.device("cpu"), cache=True)
+    images, index = torch.randn(3, 1, 4, 4), torch.tensor([5, 7, 9])
+    first = targets(images, index)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = targets(images, index)
+    assert first.dtype == again.dtype == torch.float32 and first.shape == (3, 4, 4)
+    assert torch.equal(first, again)
+    assert torch.allclose(first, (images.flatten(1)[:, None, :4] * 0.5).expand(3, 4, 4), atol=1e-3)

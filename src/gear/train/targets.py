@@ -33,4 +33,5 @@ class TeacherTargets:
             feats = self.teacher(images[missing], self.grid).float()
             for i, f in zip(missing, feats):
                 self.features[keys[i]] = f.to(torch.float16).cpu()
-        return torch.stack([self.features[k] for k in keys]).to(self.device, torch.float32)
+        # widened before the stack: CPU autocast (bf16) cannot stack float16 tensors
+        return torch.stack([self.features[k].float() for k in keys]).to(self.device)
