@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +58,17 @@ def test_sample_set_memory_runs_gear_sample_twice(tmp_path):
     importlib.import_module("sample_set_memory").main(["--nums", "4", "8", "--batch-size", "4", "--out", str(out)])
     text = out.read_text()
     assert "| 4 | " in text and "| 8 | " in text and "2x the samples: peak RSS x**" in text
+
+
+@pytest.mark.slow
+def test_tokenizer_paths_finds_no_difference_but_the_soft_branch(tmp_path):
+    """benchmarks/tokenizer_paths.py on a tiny budget: the study's two tokenizer paths never part; its positive
+    control (the soft branch on in path B) parts at the first step."""
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "tokenizer_paths.py"), "--steps", "2", "--warmup-steps", "2",
+                          "--batch", "4", "--limit", "16", "--variants", "study,ctl-soft-branch",
+                          "--work", str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ("study", "ctl-soft-branch")}
+    assert rows["study"].count("never") == 4 and "DIFF" not in rows["study"]
+    assert "step 1" in rows["ctl-soft-branch"]
+    fit = out.split("Trainer.fit", 1)[1]
+    assert "bitwise equal" in fit and "DIFFERENT" not in fit
