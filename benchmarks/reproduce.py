@@ -147,8 +147,8 @@ class Runner:
             self.cache.add_piece(job, time.time() - t0)
         result["wall_seconds"] = sum(self.cache.pieces(job))
         points = result.get("points", [])
-        result["code"] = sorted({p.get("code", "") for p in points} | {self.code.get("commit", "")} - {""})
-        result["source"] = sorted({p.get("source", "") for p in points} | {self.code.get("source", "")} - {""})
+        result["code"] = sorted(({p.get("code", "") for p in points} | {self.code.get("commit", "")}) - {""})
+        result["source"] = sorted(({p.get("source", "") for p in points} | {self.code.get("source", "")}) - {""})
         self.cache.save_result(job, result)
         self.log(f"{job.name} s{job.seed}: done in {result['wall_seconds'] / 60:.1f} min")
 

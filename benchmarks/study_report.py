@@ -227,12 +227,13 @@ def job_lines(c: Collected) -> tuple[list[list[str]], float, dict[str, int]]:
             continue
         seen[where] = job.name
         seconds += r.get("wall_seconds", 0.0)
-        code = r.get("code") or ["not recorded"]
+        code = [c for c in r.get("code") or [] if c] or ["not recorded"]
         for commit in code:
             commits[commit] = commits.get(commit, 0) + 1
         source = r.get("source") or []
+        source = [x for x in ([source] if isinstance(source, str) else source) if x]
         rows.append([job.name, str(job.seed), job.kind, str(job.steps), fmt(r.get("wall_seconds", 0.0) / 60, 1),
-                     ", ".join(code), ", ".join([source] if isinstance(source, str) else source) or "-"])
+                     ", ".join(code), ", ".join(source) or "-"])
     return rows, seconds, commits
 
 

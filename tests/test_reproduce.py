@@ -281,6 +281,30 @@ class RecordingRunner(reproduce.Runner):
                                      **({} if job.kind == "ar" else {"tokenizer_weights": f"{job.name}-{job.seed}"})})
 
 
+def test_a_job_records_every_piece_and_every_commit_it_ran_on(tmp_path):
+    st = study.build_study(SMALL, ("main",))
+    cache = study.ResultCache(tmp_path, SMALL, [], same)
+    job = st.tokenizers[("warm-up", 0)]
+
+    class Stub(reproduce.Runner):
+        calls = 0
+
+        def _run_tokenizer(self, job):
+            Stub.calls += 1
+            if Stub.calls == 1:
+                raise KeyboardInterrupt  # the first piece is stopped
+            return {"tokenizer": {}, "tokenizer_weights": "w",
+                    "points": [{"step": 1, "code": "old", "source": ""}, {"step": 2, "code": "", "source": "s0"}]}
+
+    runner = Stub(SMALL, cache, None, "cpu", lambda m: None, code={"commit": "new", "source": "s1"})
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(job)
+    runner.run(job)
+    result = cache.result(job)
+    assert len(cache.pieces(job)) == 2 and result["wall_seconds"] == pytest.approx(sum(cache.pieces(job)))
+    assert result["code"] == ["new", "old"] and result["source"] == ["s0", "s1"]
+
+
 def test_a_continued_study_runs_only_what_is_missing_and_leaves_held_jobs(tmp_path):
     st = study.build_study(SMALL, ("main",))
     cache = study.ResultCache(tmp_path, SMALL, [], same)
@@ -358,7 +382,7 @@ def test_report_states_a_verdict_per_claim(tmp_path):
 def test_report_judges_each_control_against_the_seed_spread_and_lists_jobs_with_their_code(tmp_path):
     st, cache = synthetic_cache(tmp_path)
     job = st.ar[("GEAR lambda_tok=0", 1)]
-    cache.save_result(job, {**cache.result(job), "code": ["abc1234567"], "source": "f00d"})
+    cache.save_result(job, {**cache.result(job), "code": ["abc1234567", ""], "source": ["", "f00d"]})
     text = study_report.write_report(study_report.collect(st, cache), tmp_path / "out", "cmd", "CPU", [], {}).read_text()
     section = text.split("## Controls", 1)[1].split("##", 1)[0]
     rows = {r.strip("|").split("|")[0].strip(): [x.strip() for x in r.strip("|").split("|")]
