@@ -8,8 +8,8 @@ values and their magnitudes: weights, EMAs, optimizer and discriminator states, 
 evaluation's metrics.
 
 Records are kept under ``<cache>/probes/<kind>-<probe key>/<source>.json``, one per source fingerprint
-(``study.source_fingerprint``): a probe is measured once per change of the code (about two seconds), not once per
-study. Its behaviour hash is that of its numbers rounded to 5 significant digits, unless an earlier record of the
+(``study.source_fingerprint``), with the run of the newest one (about 50 MB): a probe is measured once per change
+of the code (about two seconds), not once per study. Its behaviour hash is that of its numbers rounded to 5 significant digits, unless an earlier record of the
 same probe (another source) has numbers within a relative 1e-4 of these (each sum against the magnitudes of
 its group: one optimizer state of every parameter, say): then
 the code computes what it computed before, up to float rounding, and the earlier hash is kept, and with it the
@@ -159,6 +159,9 @@ class Probe:
             from gear.files import atomic_write
 
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+            for old in path.parent.glob("*-*"):  # the runs of other sources (their records stay)
+                if old.is_dir() and not old.name.endswith(self.source):
+                    shutil.rmtree(old, ignore_errors=True)
             self.log(f"probed {job.name} ({job.kind}): {record['behaviour']}"
                      + (f" (as under source {same['source']})" if same else ""))
             return record
@@ -171,6 +174,8 @@ class Probe:
         run_dir, store = self.run_dir(job), self.dir(job) / f"store-{self.source}"
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(store, ignore_errors=True)
+        if job.init is not None and not self.run_dir(job.init).is_dir():  # removed since it was measured
+            self._run(job.init)
         init = str(self.run_dir(job.init)) if job.init else ""
         cfg = resolved_config(job, self.budget, [*self.extra, *PROBE_OVERRIDES], out_dir=str(run_dir), init_dir=init,
                               store=str(store) if job.kind == "ar" else "")

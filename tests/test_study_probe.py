@@ -70,6 +70,16 @@ def test_probes_repeat_and_follow_behaviour_not_form(tmp_path, setting, monkeypa
     after = behaviours(tmp_path / "a", setting, "v3")
     assert {name for name in first if after[name] != first[name]} == {"GEAR"}
     gear_ar = setting[1]["GEAR ar"]
+    # only the newest source's runs are kept (records of every source stay); a probe whose init's run is gone
+    # runs the init again
+    probe = study_probe.Probe(tmp_path / "a", TINY, EXTRA, setting[0], source="v3")
+    assert sorted(p.name for p in probe.dir(gear_ar.init).iterdir() if p.is_dir()) == ["run-v3"]
+    assert {p.name for p in probe.dir(gear_ar.init).glob("*.json")} == {"v1.json", "v2.json", "v3.json"}
+    import shutil
+
+    shutil.rmtree(probe.run_dir(gear_ar.init))
+    (probe.dir(gear_ar) / "v3.json").unlink()
+    assert probe(gear_ar) == after["GEAR ar"] and probe.run_dir(gear_ar.init).is_dir()
     keys = [study.job_key(gear_ar, TINY, EXTRA, lambda job, b=b: b[next(n for n, j in setting[1].items() if j == job)])
             for b in (first, after)]
     assert keys[0] != keys[1]
