@@ -303,6 +303,8 @@ class ResultCache:
             return self._dirs[job]
         key = self.key(job)
         jobs = self.root / "jobs"
+        if job not in self._keys:  # a provisional key (its tokenizer is not trained yet): nothing runs under it
+            return jobs / f"{slug(job.name)}-s{job.seed}-{key}"
         index = jobs / ".keys" / f"s{job.seed}-{key}"
         if not index.is_file():
             same = sorted(p.name for p in jobs.glob(f"*-s{job.seed}-{key}"))  # made before the index existed
@@ -319,10 +321,8 @@ class ResultCache:
             if name:
                 break
             time.sleep(0.01)
-        where = jobs / name
-        if job in self._keys:  # a final key: its directory is final too
-            self._dirs[job] = where
-        return where
+        self._dirs[job] = jobs / name
+        return self._dirs[job]
 
     def pieces(self, job: Job) -> list[float]:
         """The seconds of every piece the job's run was trained and evaluated in (``pieces.json``)."""
