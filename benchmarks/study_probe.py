@@ -9,9 +9,9 @@ evaluation's metrics.
 
 Records are kept under ``<cache>/probes/<kind>-<probe key>/<source>.json``, one per source fingerprint
 (``study.source_fingerprint``), with the run of the newest one (about 50 MB): a probe is measured once per change
-of the code (about two seconds), not once per study. Its behaviour hash is that of its numbers rounded to 5 significant digits, unless an earlier record of the
-same probe (another source) has numbers within a relative 1e-4 of these (each sum against the magnitudes of
-its group: one optimizer state of every parameter, say): then
+of the code (about two seconds), not once per study. Its behaviour hash is that of its numbers rounded to 5
+significant digits, unless an earlier record of the same probe (another source) has numbers within a relative 1e-4
+of these (each sum against the magnitudes of its group: one optimizer state of every parameter, say): then
 the code computes what it computed before, up to float rounding, and the earlier hash is kept, and with it the
 keys of the jobs cached under that code.
 

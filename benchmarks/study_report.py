@@ -213,6 +213,12 @@ def control_lines(c: Collected) -> list[list[str]]:
     return rows
 
 
+def recorded(names: str | list[str] | None) -> list[str]:
+    """A result's commits or sources as a list, without empty names (older results hold one string, or an empty
+    name)."""
+    return [x for x in ([names] if isinstance(names, str) else names or []) if x]
+
+
 def job_lines(c: Collected) -> tuple[list[list[str]], float, dict[str, int]]:
     """Per finished job: minutes (every piece of a continued run) and the commits it ran on; the total hours and
     how many jobs each commit ran."""
@@ -227,11 +233,10 @@ def job_lines(c: Collected) -> tuple[list[list[str]], float, dict[str, int]]:
             continue
         seen[where] = job.name
         seconds += r.get("wall_seconds", 0.0)
-        code = [c for c in r.get("code") or [] if c] or ["not recorded"]
+        code = recorded(r.get("code")) or ["not recorded"]
         for commit in code:
             commits[commit] = commits.get(commit, 0) + 1
-        source = r.get("source") or []
-        source = [x for x in ([source] if isinstance(source, str) else source) if x]
+        source = recorded(r.get("source"))
         rows.append([job.name, str(job.seed), job.kind, str(job.steps), fmt(r.get("wall_seconds", 0.0) / 60, 1),
                      ", ".join(code), ", ".join(source) or "-"])
     return rows, seconds, commits

@@ -67,7 +67,8 @@ def test_tokenizer_paths_finds_no_difference_but_the_soft_branch(tmp_path):
     out = subprocess.run([sys.executable, str(BENCHMARKS / "tokenizer_paths.py"), "--steps", "2", "--warmup-steps", "2",
                           "--batch", "4", "--limit", "16", "--variants", "study,ctl-soft-branch",
                           "--work", str(tmp_path)], capture_output=True, text=True, check=True).stdout
-    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ("study", "ctl-soft-branch")}
+    rows = {line.split()[0]: line for line in out.splitlines()
+            if line.split() and line.split()[0] in ("study", "ctl-soft-branch")}
     assert rows["study"].count("never") == 4 and "DIFF" not in rows["study"]
     assert "step 1" in rows["ctl-soft-branch"]
     fit = out.split("Trainer.fit", 1)[1]

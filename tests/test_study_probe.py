@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def test_probes_repeat_and_follow_behaviour_not_form(tmp_path, setting, monkeypa
     probe = study_probe.Probe(tmp_path / "a", TINY, EXTRA, setting[0], source="v3")
     assert sorted(p.name for p in probe.dir(gear_ar.init).iterdir() if p.is_dir()) == ["run-v3"]
     assert {p.name for p in probe.dir(gear_ar.init).glob("*.json")} == {"v1.json", "v2.json", "v3.json"}
-    import shutil
-
     shutil.rmtree(probe.run_dir(gear_ar.init))
     (probe.dir(gear_ar) / "v3.json").unlink()
     assert probe(gear_ar) == after["GEAR ar"] and probe.run_dir(gear_ar.init).is_dir()
